@@ -1,0 +1,301 @@
+"""The `batchjobs` command: parse, call a library function, print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from batchjobs import failures as failures_api
+from batchjobs.db import connect, create_engine, first_line, resolve_database_url
+from batchjobs.durations import format_duration, parse_duration
+from batchjobs.errors import BatchJobsError
+from batchjobs.failures import utcnow
+from batchjobs.registry import Registry, load_registry
+
+
+class _Group(click.Group):
+    """Turns errors a user can fix into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BatchJobsError as exc:
+            raise click.ClickException(str(exc)) from None
+        except DBAPIError as exc:
+            raise click.ClickException(f"database error: {first_line(exc)}") from None
+
+
+@dataclass
+class _State:
+    app: str | None
+    database_url: str | None
+    _registry: Registry | None = None
+
+    def registry(self) -> Registry:
+        if self._registry is None:
+            if not self.app:
+                raise BatchJobsError("no app given: pass -A module:registry or set BATCHJOBS_APP")
+            self._registry = load_registry(self.app)
+        return self._registry
+
+    def engine(self) -> Engine:
+        registry_url = self.registry().database_url if self.app else None
+        return create_engine(resolve_database_url(self.database_url, registry_url))
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except BatchJobsError as exc:
+            # Raised as BatchJobsError so _Group prints it as one line, without the usage text.
+            option = param.opts[-1] if param is not None else "duration"
+            raise BatchJobsError(f"{option}: {exc}") from None
+
+
+DURATION = _Duration()
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-A",
+    "--app",
+    envvar="BATCHJOBS_APP",
+    metavar="MODULE:ATTR",
+    help="The Registry of your jobs, e.g. myapp.jobs:jobs (or $BATCHJOBS_APP).",
+)
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="Database to work on. Default: $BATCHJOBS_DATABASE_URL, then $DATABASE_URL, then the Registry's.",
+)
+@click.version_option(package_name="batchjobs")
+@click.pass_context
+def main(ctx: click.Context, app: str | None, database_url: str | None) -> None:
+    """Background jobs driven by flag columns on your own tables.
+
+    Your app inserts rows whose flag column defaults to pending; cron runs
+    `batchjobs run-pending` every minute to handle them. Start with `batchjobs demo`.
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    ctx.obj = _State(app=app, database_url=database_url)
+
+
+@main.command("run-pending")
+@click.option("-q", "--queue", "queues", multiple=True, metavar="QUEUE", help="Only jobs of this queue (repeatable).")
+@click.option("-j", "--job", "jobs", multiple=True, metavar="NAME", help="Only this job (repeatable).")
+@click.option(
+    "--max-runtime",
+    type=DURATION,
+    metavar="DURATION",
+    help="Stop starting new rows after this long, e.g. 55s for a run every minute. Default: until drained.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per chunk, overriding each job's batch_size.")
+@click.option(
+    "--commit-interval",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    metavar="DURATION",
+    help="Commit a chunk early after this long, releasing the rows it has not reached yet.",
+)
+@click.pass_obj
+def run_pending_command(
+    state: _State,
+    queues: tuple[str, ...],
+    jobs: tuple[str, ...],
+    max_runtime: float | None,
+    batch_size: int | None,
+    commit_interval: float,
+) -> None:
+    """Handle pending rows until none is left or --max-runtime is spent, then exit.
+
+    Prints nothing when there was nothing to do, one summary line when there was
+    (cron mails any output). Failures are logged to stderr with their traceback.
+    SIGTERM or Ctrl-C finishes the current row, commits, and exits.
+    """
+    from batchjobs.runner import StopRequest, run_pending, stop_on_signals
+
+    registry = state.registry()
+    engine = state.engine()
+    with stop_on_signals(StopRequest()) as stop:
+        summary = run_pending(
+            registry,
+            engine,
+            jobs=jobs,
+            queues=queues,
+            max_runtime=max_runtime,
+            batch_size=batch_size,
+            commit_interval=commit_interval,
+            stop=stop,
+        )
+    if summary.done or summary.failed:
+        click.echo(summary.line())
+
+
+@main.command("jobs")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def jobs_command(state: _State, as_json: bool) -> None:
+    """List registered jobs: name, model, flag column, queue, pending rows."""
+    from batchjobs.monitoring import list_jobs
+
+    registry = state.registry()
+    with connect(state.engine()) as connection:
+        infos = list_jobs(connection, registry)
+    if as_json:
+        _echo_json([info.as_json() for info in infos])
+    else:
+        click.echo(
+            _table(("NAME", "MODEL", "FLAG", "QUEUE", "PENDING"), [(i.name, i.model, i.flag, i.queue, i.pending) for i in infos])
+        )
+
+
+@main.command("migrate")
+@click.pass_obj
+def migrate_command(state: _State) -> None:
+    """Create or upgrade batchjobs' own tables (its own alembic history; your tables are untouched)."""
+    from batchjobs.migrate import migrate
+
+    before, after = migrate(state.engine())
+    if before == after:
+        click.echo(f"batchjobs tables are up to date (revision {after})")
+    else:
+        click.echo(f"batchjobs tables upgraded from revision {before or '(none)'} to {after}")
+
+
+@main.command("demo")
+@click.option("--signups", type=click.IntRange(min=1), default=300, show_default=True, help="Users to sign up.")
+@click.option(
+    "--outbox",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("outbox"),
+    show_default=True,
+    help="Where emails are written when $SMTP_URL is not set.",
+)
+@click.pass_obj
+def demo_command(state: _State, signups: int, outbox: Path) -> None:
+    """Run the welcome-email example end to end.
+
+    Uses a SQLite file in the current directory unless --database-url (or
+    $BATCHJOBS_DATABASE_URL) is given. Emails go to $SMTP_URL (smtp://host:port)
+    when set, otherwise to .eml files in --outbox.
+    """
+    from batchjobs.demo import APP, DEFAULT_DATABASE_URL, run_demo
+
+    url = state.database_url or os.environ.get("BATCHJOBS_DATABASE_URL")
+    report = run_demo(url, signups=signups, outbox=outbox)
+    sent = report.first_run.done
+    click.echo(f"batchjobs demo on {report.database}")
+    click.echo(f"  batchjobs tables at revision {report.revision}")
+    click.echo(f"  {report.signups} users signed up; {report.unconfirmed} have not confirmed their email yet")
+    click.echo(f"  run-pending: {report.first_run.line()}")
+    click.echo(f"  {sent} welcome emails delivered to {report.delivered_to}")
+    click.echo(f"  {report.still_pending} users stay pending until they confirm their email")
+    click.echo(f"  a second run-pending found {report.second_run.done} rows to do: each user is emailed once")
+    click.echo("")
+    click.echo("Try the commands cron and operators use:")
+    shown_url = url or DEFAULT_DATABASE_URL
+    click.echo(f"  batchjobs -A {APP} --database-url {shown_url} jobs")
+    click.echo(f"  batchjobs -A {APP} --database-url {shown_url} run-pending --max-runtime 55s")
+
+
+def _age(seconds: float) -> str:
+    return format_duration(max(seconds, 0.0))
+
+
+def _next_attempt(failure: failures_api.FailureInfo, now: datetime) -> str:
+    if failure.dead:
+        return "dead"
+    if failure.next_attempt_at and failure.next_attempt_at > now:
+        return f"in {_age((failure.next_attempt_at - now).total_seconds())}"
+    return "next run"
+
+
+@main.command("failures")
+@click.argument("job", required=False)
+@click.option("--dead", is_flag=True, help="Only dead rows (out of attempts).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) -> None:
+    """Rows that are failing (waiting to retry) or dead, oldest first."""
+    registry = state.registry()
+    with connect(state.engine()) as connection:
+        rows = failures_api.list_failures(connection, registry, job=job, dead_only=dead)
+    if as_json:
+        _echo_json([row.as_json() for row in rows])
+        return
+    if not rows:
+        click.echo("no failing rows")
+        return
+    now = utcnow()
+    click.echo(
+        _table(
+            ("JOB", "ROW", "ATTEMPTS", "NEXT ATTEMPT", "AGE", "LAST ERROR"),
+            [
+                (
+                    r.job,
+                    r.row_key,
+                    r.attempts,
+                    _next_attempt(r, now),
+                    _age((now - r.first_failed_at).total_seconds()),
+                    f"{r.error_type}: {r.error_message.splitlines()[0] if r.error_message else ''}"[:100],
+                )
+                for r in rows
+            ],
+        )
+    )
+
+
+@main.command("retry")
+@click.argument("job")
+@click.option("--row", "rows", multiple=True, metavar="KEY", help="Primary key of a failing row (repeatable).")
+@click.option("--all-dead", is_flag=True, help="Every dead row of the job.")
+@click.option("--all", "everything", is_flag=True, help="Every failing or dead row of the job.")
+@click.pass_obj
+def retry_command(state: _State, job: str, rows: tuple[str, ...], all_dead: bool, everything: bool) -> None:
+    """Clear failure records so the rows are tried again on the next run."""
+    registry = state.registry()
+    with connect(state.engine()) as connection:
+        count = failures_api.retry(connection, registry, job, row_keys=rows, all_dead=all_dead, everything=everything)
+        connection.commit()
+    click.echo(f"{count} row(s) of {job} will be tried again on the next run")
+
+
+@main.command("show-failure")
+@click.argument("job")
+@click.argument("key")
+@click.pass_obj
+def show_failure_command(state: _State, job: str, key: str) -> None:
+    """The full last error of one failing row, traceback included."""
+    registry = state.registry()
+    with connect(state.engine()) as connection:
+        failure = failures_api.show_failure(connection, registry, job, key)
+    state_line = "dead" if failure.dead else f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
+    click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s), {state_line}")
+    click.echo(f"first failed {failure.first_failed_at:%Y-%m-%d %H:%M:%S} UTC, last {failure.last_failed_at:%Y-%m-%d %H:%M:%S} UTC")
+    click.echo("")
+    click.echo(failure.traceback.rstrip())

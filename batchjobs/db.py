@@ -1,0 +1,115 @@
+"""Database URLs, engines and the checks that turn driver errors into one clear line."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from batchjobs.dialects import Dialect, dialect_for
+from batchjobs.errors import BatchJobsError, SchemaOutOfDate
+from batchjobs.schema import SCHEMA_REVISION, VERSION_TABLE
+
+_PREPARED = "_batchjobs_dialect"
+
+
+def resolve_database_url(explicit: str | None = None, registry_url: str | None = None) -> str:
+    """The URL to use: ``explicit``, then $BATCHJOBS_DATABASE_URL, $DATABASE_URL, the registry's."""
+    url = explicit or os.environ.get("BATCHJOBS_DATABASE_URL") or os.environ.get("DATABASE_URL") or registry_url
+    if not url:
+        raise BatchJobsError(
+            "no database URL: pass --database-url, set BATCHJOBS_DATABASE_URL or DATABASE_URL, "
+            "or give Registry(database_url=...)"
+        )
+    return url
+
+
+def parse_url(url: str | URL) -> URL:
+    """Parse a URL; plain ``postgresql://`` and ``postgres://`` use psycopg 3, which batchjobs ships with."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise BatchJobsError(f"not a database URL: {mask_url(str(url))!r}") from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ``***``, safe for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not parseable: hide anything between "://user:" and "@".
+        raw = str(url)
+        scheme, sep, rest = raw.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        if sep and at and ":" in credentials:
+            return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+        return raw
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """An engine set up the way batchjobs needs it for this kind of database."""
+    parsed = parse_url(url)
+    try:
+        engine = sqlalchemy.create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError) as exc:
+        raise BatchJobsError(f"cannot use database URL {mask_url(parsed)!r}: {exc}") from None
+    dialect = dialect_for(engine)
+    dialect.configure_engine(engine)
+    setattr(engine, _PREPARED, dialect)
+    return engine
+
+
+def prepare(engine: Engine) -> Dialect:
+    """The dialect of an engine, setting it up first if the app created the engine itself."""
+    dialect: Dialect | None = getattr(engine, _PREPARED, None)
+    if dialect is None:
+        dialect = dialect_for(engine)
+        dialect.configure_engine(engine)
+        # Connections already pooled were made without batchjobs' settings.
+        engine.dispose()
+        setattr(engine, _PREPARED, dialect)
+    return dialect
+
+
+def connect(engine: Engine) -> Connection:
+    """Open a connection, or explain in one line why the database cannot be reached."""
+    try:
+        return engine.connect()
+    except DBAPIError as exc:
+        raise BatchJobsError(f"cannot connect to {mask_url(engine.url)}: {first_line(exc, engine.url)}") from None
+
+
+def first_line(exc: DBAPIError, url: URL | None = None) -> str:
+    """The driver's own message, first line only, never with a password in it."""
+    message = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    if url is not None and url.password:
+        message = message.replace(str(url.password), "***")
+    return message
+
+
+def schema_revision(connection: Connection) -> str | None:
+    """The revision of batchjobs' own tables, or None when they were never created."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return None
+    return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+
+
+def check_schema(connection: Connection) -> None:
+    """Raise :class:`SchemaOutOfDate` unless batchjobs' tables are at the revision this code needs."""
+    revision = schema_revision(connection)
+    if revision == SCHEMA_REVISION:
+        return
+    where = mask_url(connection.engine.url)
+    if revision is None:
+        raise SchemaOutOfDate(f"batchjobs tables are missing in {where}: run `batchjobs migrate`")
+    raise SchemaOutOfDate(
+        f"batchjobs tables in {where} are at revision {revision}, this version needs {SCHEMA_REVISION}: "
+        "run `batchjobs migrate`"
+    )

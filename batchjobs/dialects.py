@@ -1,0 +1,95 @@
+"""Everything that differs between databases lives here, so the run loop never asks which one it has.
+
+PostgreSQL (production): claims lock rows with ``FOR NO KEY UPDATE SKIP LOCKED``, so any number of
+runners on any number of hosts take disjoint rows, and inserts into tables that reference a claimed
+row are not blocked.
+
+SQLite (embedded default, one host): there are no row locks, so a claiming transaction takes the
+database write lock up front with ``BEGIN IMMEDIATE``; overlapping runners wait their turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, Select, Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Insert
+
+from batchjobs.errors import BatchJobsError
+
+# Execution option that marks a connection as one that claims rows (see SQLite.configure_engine).
+_CLAIMS = "batchjobs_claims"
+
+
+class Dialect:
+    """The database-specific parts of batchjobs."""
+
+    name = ""
+
+    def configure_engine(self, engine: Engine) -> None:
+        """Install connection-level settings on an engine batchjobs created."""
+
+    def claiming(self, engine: Engine) -> Engine:
+        """The engine to open claiming transactions on."""
+        return engine
+
+    def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
+        """Make a SELECT of pending rows take them for this transaction only."""
+        return stmt
+
+    def insert(self, table: Table) -> Insert:
+        """An INSERT that supports ``on_conflict_do_update``."""
+        raise NotImplementedError
+
+
+class PostgreSQL(Dialect):
+    name = "postgresql"
+
+    def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
+        # key_share=True renders FOR NO KEY UPDATE: foreign-key inserts pointing at the row go on.
+        return stmt.with_for_update(key_share=True, skip_locked=True, of=table)
+
+    def insert(self, table: Table) -> Insert:
+        return postgresql.insert(table)
+
+
+class SQLite(Dialect):
+    name = "sqlite"
+
+    def configure_engine(self, engine: Engine) -> None:
+        # pysqlite's own transaction handling cannot BEGIN IMMEDIATE, so batchjobs emits BEGIN
+        # itself (the recipe from SQLAlchemy's SQLite documentation).
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            # Wait for another runner's chunk instead of failing with "database is locked".
+            cursor.execute("PRAGMA busy_timeout = 60000")
+            # WAL lets status queries and the app read while a chunk holds the write lock.
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_CLAIMS) else "BEGIN")
+
+    def claiming(self, engine: Engine) -> Engine:
+        return engine.execution_options(**{_CLAIMS: True})
+
+    def insert(self, table: Table) -> Insert:
+        return sqlite.insert(table)
+
+
+_DIALECTS: dict[str, Dialect] = {d.name: d for d in (PostgreSQL(), SQLite())}
+
+
+def dialect_for(engine: Engine) -> Dialect:
+    """The batchjobs dialect for an engine, or a clear error for an unsupported database."""
+    try:
+        return _DIALECTS[engine.dialect.name]
+    except KeyError:
+        raise BatchJobsError(
+            f"batchjobs supports PostgreSQL and SQLite; this database is {engine.dialect.name}"
+        ) from None

@@ -1,0 +1,46 @@
+"""Parse human durations such as ``55s``, ``10m``, ``1h30m`` or ``250ms``."""
+
+from __future__ import annotations
+
+import re
+
+from batchjobs.errors import BatchJobsError
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(text: str) -> float:
+    """Return the number of seconds in ``text``; a bare number means seconds.
+
+    Raises :class:`BatchJobsError` with a one-line explanation for anything else.
+    """
+    cleaned = text.strip().lower()
+    try:
+        seconds = float(cleaned)
+    except ValueError:
+        parts = _PART.findall(cleaned)
+        if not parts or "".join(number + unit for number, unit in parts) != cleaned:
+            raise BatchJobsError(
+                f"invalid duration {text!r}: use a number with a unit, e.g. 30s, 10m, 1h30m, 250ms"
+            ) from None
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
+    if seconds < 0:
+        raise BatchJobsError(f"invalid duration {text!r}: it cannot be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds compactly for people: ``850ms``, ``42s``, ``3m05s``, ``2h10m``, ``3d4h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours}h"

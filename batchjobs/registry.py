@@ -1,0 +1,281 @@
+"""Job definitions: which flag column marks a row as pending, and what to run for it."""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Sequence
+
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Table, false, inspect, true
+from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
+from sqlalchemy.orm.properties import MappedColumn
+
+from batchjobs.errors import BatchJobsError
+from batchjobs.failures import Backoff
+
+Handler = Callable[..., Any]
+FailureHook = Callable[["FlagJob", str, BaseException], None]
+
+
+def flag_column(**kwargs: Any) -> MappedColumn[bool]:
+    """A Boolean flag column: ``False`` (pending) by default on the server, ``True`` once done.
+
+    The server default means rows inserted by any code path, ORM or raw SQL, are pending.
+    """
+    kwargs.setdefault("nullable", False)
+    kwargs.setdefault("server_default", false())
+    kwargs.setdefault("default", False)
+    return mapped_column(Boolean, **kwargs)
+
+
+def _column(flag: InstrumentedAttribute[Any] | Column[Any]) -> Column[Any]:
+    if isinstance(flag, Column):
+        return flag
+    columns = getattr(getattr(flag, "property", None), "columns", None)
+    if not columns or not isinstance(columns[0], Column):
+        raise BatchJobsError(f"{flag!r} is not a mapped column attribute (e.g. User.welcome_email_sent)")
+    return columns[0]
+
+
+def pending_condition(flag: Column[Any]) -> ColumnElement[bool]:
+    """SQL that is true for rows whose flag says "pending".
+
+    The claim query and :func:`pending_index` use this same expression, so the planner can match
+    the partial index (SQLite only uses a partial index whose WHERE appears verbatim in the query).
+    """
+    if isinstance(flag.type, Boolean):
+        return flag == false()
+    if isinstance(flag.type, DateTime):
+        return flag.is_(None)
+    raise BatchJobsError(
+        f"flag column {flag.table.name}.{flag.name} must be Boolean (False = pending) "
+        f"or a nullable DateTime (NULL = pending), not {flag.type}"
+    )
+
+
+def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | None = None) -> Index:
+    """A partial index on the primary key covering only pending rows.
+
+    Finding pending rows then costs O(pending), not O(table). Call it after the model class,
+    e.g. ``pending_index(User.welcome_email_sent)``; the index joins the table's metadata.
+    """
+    column = _column(flag)
+    table = column.table
+    assert isinstance(table, Table)
+    primary_key = list(table.primary_key.columns)
+    condition = pending_condition(column)
+    return Index(
+        name or f"ix_{table.name}_{column.name}_pending",
+        *primary_key,
+        postgresql_where=condition,
+        sqlite_where=condition,
+    )
+
+
+@dataclass
+class JobContext:
+    """Passed as the optional second handler argument."""
+
+    session: Session
+    job: FlagJob
+    logger: logging.Logger
+
+
+@dataclass(frozen=True, eq=False)
+class FlagJob:
+    """One registered job: a flag column, the handler, and how to run it."""
+
+    name: str
+    handler: Handler
+    flag: Column[Any]
+    model: type
+    queue: str = "default"
+    batch_size: int = 100
+    where: ColumnElement[bool] | None = None
+    done_at: Column[Any] | None = None
+    batch: bool = False
+    max_attempts: int = 10
+    backoff: Callable[[int], float] = field(default_factory=Backoff)
+    timeout: float | None = None
+    wants_context: bool = False
+
+    @property
+    def table(self) -> Table:
+        table = self.flag.table
+        assert isinstance(table, Table)
+        return table
+
+    @property
+    def primary_key(self) -> Column[Any]:
+        return next(iter(self.table.primary_key.columns))
+
+    @property
+    def primary_key_attr(self) -> str:
+        mapper: Mapper[Any] = inspect(self.model)
+        return mapper.get_property_by_column(self.primary_key).key
+
+    def pending(self) -> ColumnElement[bool]:
+        """The WHERE clause selecting this job's pending rows."""
+        condition = pending_condition(self.flag)
+        return condition if self.where is None else condition & self.where
+
+    def done_values(self, now: datetime) -> dict[str, Any]:
+        """Column values that mark a row done."""
+        values: dict[str, Any] = {
+            self.flag.name: true() if isinstance(self.flag.type, Boolean) else _for_column(self.flag, now)
+        }
+        if self.done_at is not None:
+            values[self.done_at.name] = _for_column(self.done_at, now)
+        return values
+
+    def pending_values(self) -> dict[str, Any]:
+        """Column values that put a row back to pending."""
+        return {self.flag.name: false() if isinstance(self.flag.type, Boolean) else None}
+
+    def call(self, rows: Any, ctx: JobContext) -> Any:
+        return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
+
+
+def _for_column(column: Column[Any], now: datetime) -> datetime:
+    # A naive column gets naive UTC, so the value means the same on every server time zone.
+    timezone_aware = isinstance(column.type, DateTime) and column.type.timezone
+    return now if timezone_aware else now.replace(tzinfo=None)
+
+
+def _wants_context(handler: Handler) -> bool:
+    params = [
+        p
+        for p in pyinspect.signature(handler).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if not params:
+        raise BatchJobsError(f"handler {handler.__qualname__} must take the row (or rows) as its first argument")
+    return len(params) >= 2 or params[0].kind is params[0].VAR_POSITIONAL
+
+
+class Registry:
+    """The set of jobs an application defines; point the CLI at it with ``-A module:attr``."""
+
+    def __init__(self, database_url: str | None = None, on_failure: FailureHook | None = None) -> None:
+        self.database_url = database_url
+        self.on_failure = on_failure
+        self.jobs: dict[str, FlagJob] = {}
+
+    def flag_job(
+        self,
+        flag: InstrumentedAttribute[Any],
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        batch_size: int = 100,
+        where: ColumnElement[bool] | None = None,
+        done_at: InstrumentedAttribute[Any] | None = None,
+        batch: bool = False,
+        max_attempts: int = 10,
+        backoff: Callable[[int], float] | None = None,
+        timeout: float | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated function as the handler for rows whose ``flag`` is pending.
+
+        ``flag`` is a Boolean column (False = pending, True = done) or a nullable DateTime column
+        (NULL = pending, set to the current time when done). The handler gets one row, or a list of
+        rows with ``batch=True``, and optionally a :class:`JobContext` as second argument.
+        """
+        column = _column(flag)
+        pending_condition(column)  # validates the column type early
+        model = getattr(flag, "class_", None)
+        if model is None:
+            raise BatchJobsError("flag_job needs a mapped attribute such as User.welcome_email_sent")
+        primary_key = inspect(model).primary_key
+        if len(primary_key) != 1:
+            keys = ", ".join(c.name for c in primary_key)
+            raise BatchJobsError(
+                f"{model.__name__} has a composite primary key ({keys}); batchjobs needs a single-column key"
+            )
+        if batch_size < 1:
+            raise BatchJobsError(f"batch_size must be at least 1, got {batch_size}")
+        if max_attempts < 1:
+            raise BatchJobsError(f"max_attempts must be at least 1, got {max_attempts}")
+
+        def register(handler: Handler) -> Handler:
+            job_name = name or handler.__name__
+            if job_name in self.jobs:
+                raise BatchJobsError(
+                    f"a job named {job_name!r} is already registered; pass name=... to tell them apart"
+                )
+            self.jobs[job_name] = FlagJob(
+                name=job_name,
+                handler=handler,
+                flag=column,
+                model=model,
+                queue=queue,
+                batch_size=batch_size,
+                where=where,
+                done_at=_column(done_at) if done_at is not None else None,
+                batch=batch,
+                max_attempts=max_attempts,
+                backoff=backoff or Backoff(),
+                timeout=timeout,
+                wants_context=_wants_context(handler),
+            )
+            return handler
+
+        return register
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({job.queue for job in self.jobs.values()})
+
+    def job(self, name: str) -> FlagJob:
+        """The job called ``name``, or a clear error listing the known ones."""
+        try:
+            return self.jobs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.jobs)) or "none registered"
+            raise BatchJobsError(f"unknown job {name!r} (known jobs: {known})") from None
+
+    def select(self, jobs: Sequence[str] = (), queues: Sequence[str] = ()) -> list[FlagJob]:
+        """Jobs by name and/or queue; all jobs when both are empty."""
+        for queue in queues:
+            if queue not in self.queues:
+                known = ", ".join(self.queues) or "none"
+                raise BatchJobsError(f"unknown queue {queue!r} (known queues: {known})")
+        chosen = [self.job(name) for name in jobs]
+        if queues:
+            chosen += [job for job in self.jobs.values() if job.queue in queues and job not in chosen]
+        return chosen if (jobs or queues) else list(self.jobs.values())
+
+
+def load_registry(spec: str) -> Registry:
+    """Import ``module:attribute`` (or just ``module`` holding one Registry) and return the Registry.
+
+    The current directory is put on ``sys.path`` first, as Celery's ``-A`` does, so an app's own
+    package imports from its project folder.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any error in the app's import is reported the same way
+        raise BatchJobsError(f"cannot import app {module_name!r}: {type(exc).__name__}: {exc}") from None
+    if attribute:
+        try:
+            registry = getattr(module, attribute)
+        except AttributeError:
+            raise BatchJobsError(f"module {module_name!r} has no attribute {attribute!r}") from None
+        if not isinstance(registry, Registry):
+            raise BatchJobsError(f"{spec} is a {type(registry).__name__}, not a batchjobs Registry")
+        return registry
+    found = [value for value in vars(module).values() if isinstance(value, Registry)]
+    if len(found) != 1:
+        raise BatchJobsError(
+            f"module {module_name!r} holds {len(found)} Registry objects; name one as {module_name}:attribute"
+        )
+    return found[0]

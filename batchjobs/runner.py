@@ -1,0 +1,258 @@
+"""The run loop behind `batchjobs run-pending`.
+
+One chunk is one transaction: claim up to ``batch_size`` pending rows (locked), run the handler on
+each while the rows stay locked, then mark the successful rows done with one UPDATE, write failure
+records, and commit. A crash at any point rolls the chunk back and its rows are pending again.
+
+Each row's handler runs inside a SAVEPOINT that SQLAlchemy only emits when the handler actually
+touches the database, so a handler that sends an email or calls an API costs no round trip per
+row, while one that writes and then raises has its writes undone without hurting its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from batchjobs.claim import claim_statement, mark_done
+from batchjobs.db import check_schema, connect, prepare
+from batchjobs.dialects import Dialect
+from batchjobs.durations import format_duration
+from batchjobs.failures import RowFailure, clear_failures, record_failures, utcnow
+from batchjobs.registry import FlagJob, JobContext, Registry
+
+logger = logging.getLogger("batchjobs")
+
+
+class JobTimeout(Exception):
+    """A handler ran longer than its job's ``timeout``."""
+
+
+class StopRequest:
+    """Set from a signal handler (or another thread); the loop stops after the current row."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
+    """While active, SIGTERM and SIGINT ask the run to finish its current row, commit, and return."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        stop.set(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class JobStats:
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass
+class RunSummary:
+    """What one run did, per job."""
+
+    jobs: dict[str, JobStats] = field(default_factory=dict)
+    seconds: float = 0.0
+    stopped_by: str | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(s.done for s in self.jobs.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s in self.jobs.values())
+
+    def line(self) -> str:
+        """One line for cron's mail: totals, then per job."""
+        per_job = ", ".join(
+            f"{name} {s.done} done" + (f"/{s.failed} failed" if s.failed else "")
+            for name, s in self.jobs.items()
+            if s.done or s.failed
+        )
+        stopped = f", stopped by {self.stopped_by}" if self.stopped_by else ""
+        return (
+            f"batchjobs: {self.done} done, {self.failed} failed in {format_duration(self.seconds)}"
+            f"{stopped} ({per_job})"
+        )
+
+
+def run_pending(
+    registry: Registry,
+    engine: Engine,
+    *,
+    jobs: Sequence[str] = (),
+    queues: Sequence[str] = (),
+    max_runtime: float | None = None,
+    batch_size: int | None = None,
+    commit_interval: float = 1.0,
+    stop: StopRequest | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> RunSummary:
+    """Handle pending rows of the selected jobs until none is left, time is up, or ``stop`` is set.
+
+    Jobs take turns one chunk at a time, so one big backlog does not starve the others. A row
+    that fails is not tried again in the same run; ``clock`` is the wall clock for backoff times.
+    """
+    selected = registry.select(jobs=jobs, queues=queues)
+    dialect = prepare(engine)
+    with connect(engine) as connection:
+        check_schema(connection)
+    stop = stop if stop is not None else StopRequest()
+    started = time.monotonic()
+    deadline = started + max_runtime if max_runtime is not None else None
+    run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock)
+    summary = RunSummary(jobs={job.name: JobStats() for job in selected})
+    active = list(selected)
+    while active and not run.should_stop():
+        for job in list(active):
+            if run.should_stop():
+                break
+            claimed = run.chunk(job, batch_size or job.batch_size, summary.jobs[job.name])
+            if not claimed:
+                active.remove(job)
+    summary.seconds = time.monotonic() - started
+    summary.stopped_by = stop.reason or (
+        "max-runtime" if deadline is not None and time.monotonic() >= deadline and active else None
+    )
+    return summary
+
+
+@dataclass
+class _Run:
+    registry: Registry
+    dialect: Dialect
+    bind: Engine
+    run_started: datetime
+    commit_interval: float
+    stop: StopRequest
+    deadline: float | None
+    clock: Callable[[], datetime]
+
+    def should_stop(self) -> bool:
+        return bool(self.stop) or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
+        """Claim, handle and commit one chunk; returns how many rows were claimed."""
+        pk_attr = job.primary_key_attr
+        with Session(self.bind, expire_on_commit=False, autoflush=False) as session:
+            claim = claim_statement(job, self.dialect, self.clock(), self.run_started, limit)
+            claimed = session.execute(claim).all()
+            if not claimed:
+                return 0
+            ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
+            # Keys are read before any handler runs: a rolled-back savepoint expires the rows.
+            keys = [getattr(row, pk_attr) for row, _ in claimed]
+            done: list[Any] = []
+            failures: list[RowFailure] = []
+            if job.batch:
+                error = self._call(job, session, [row for row, _ in claimed], ctx)
+                if error is None:
+                    done = keys
+                else:
+                    failures = [RowFailure(str(k), a or 0, error) for k, (_, a) in zip(keys, claimed)]
+            else:
+                chunk_started = time.monotonic()
+                for index, (key, (row, attempts)) in enumerate(zip(keys, claimed)):
+                    # Commit early rather than hold the rest of the chunk locked: unhandled rows
+                    # are released by the commit and claimed again by the next chunk.
+                    if index and (time.monotonic() - chunk_started >= self.commit_interval or self.should_stop()):
+                        break
+                    error = self._call(job, session, row, ctx)
+                    if error is None:
+                        done.append(key)
+                    else:
+                        failures.append(RowFailure(str(key), attempts or 0, error))
+            now = self.clock()
+            mark_done(session, job, done, now)
+            had_failed = {str(k) for k, (_, attempts) in zip(keys, claimed) if attempts is not None}
+            clear_failures(session, job, [str(k) for k in done if str(k) in had_failed])
+            record_failures(session, self.dialect, job, failures, now)
+            for failure in failures:
+                self._report(job, failure)
+            session.commit()
+        stats.done += len(done)
+        stats.failed += len(failures)
+        return len(claimed)
+
+    def _call(self, job: FlagJob, session: Session, rows: Any, ctx: JobContext) -> BaseException | None:
+        """Run the handler in a lazily-emitted savepoint; return the exception it raised, if any."""
+        try:
+            with session.begin_nested():
+                with _time_limit(job.timeout):
+                    job.call(rows, ctx)
+                session.flush()
+        except Exception as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
+            return exc
+        return None
+
+    def _report(self, job: FlagJob, failure: RowFailure) -> None:
+        attempt = failure.attempts_before + 1
+        logger.error(
+            "job %s failed on row %s (attempt %d of %d): %s: %s",
+            job.name,
+            failure.row_key,
+            attempt,
+            job.max_attempts,
+            failure.error_type,
+            failure.error,
+            exc_info=failure.error,
+            extra={"job": job.name, "row_key": failure.row_key, "attempt": attempt},
+        )
+        if self.registry.on_failure is not None:
+            try:
+                self.registry.on_failure(job, failure.row_key, failure.error)
+            except Exception:  # noqa: BLE001 - a broken hook must not lose the chunk
+                logger.exception("on_failure hook raised for job %s row %s", job.name, failure.row_key)
+
+
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block with :class:`JobTimeout` after ``seconds``, using SIGALRM.
+
+    Only possible in the main thread; elsewhere the limit is not enforced and a warning is logged.
+    """
+    if not seconds:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("job timeouts are only enforced in the main thread")
+        yield
+        return
+
+    def expire(_signum: int, _frame: FrameType | None) -> None:
+        raise JobTimeout(f"handler ran longer than its timeout of {format_duration(seconds)}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

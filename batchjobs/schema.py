@@ -1,0 +1,68 @@
+"""batchjobs' own tables. The app's tables get no extra columns; all bookkeeping lives here.
+
+Changes to these models need a new revision in ``migrations/versions`` and a bump of
+:data:`SCHEMA_REVISION`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Dialect, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
+SCHEMA_REVISION = "0001"
+#: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
+VERSION_TABLE = "batchjobs_alembic_version"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("batchjobs stores aware datetimes only")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Failure(Base):
+    """One failing (or dead) row of one job: what went wrong and when to try again."""
+
+    __tablename__ = "batchjobs_failures"
+
+    job: Mapped[str] = mapped_column(String(200), primary_key=True)
+    row_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer)
+    first_failed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_failed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: NULL once the row is dead.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dead: Mapped[bool] = mapped_column(Boolean, default=False)
+    error_type: Mapped[str] = mapped_column(String(200))
+    error_message: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str] = mapped_column(Text)
+
+
+metadata = Base.metadata

@@ -1,0 +1,1 @@
+"""Example apps for batchjobs, installed as ``batchjobs.examples``."""

@@ -1,0 +1,1 @@
+"""The welcome-email app that `batchjobs demo` runs."""

@@ -1,0 +1,1 @@
+"""batchjobs' own alembic migrations, installed as ``batchjobs.migrations``."""

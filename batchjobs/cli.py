@@ -214,7 +214,10 @@ def demo_command(state: _State, signups: int, outbox: Path) -> None:
     click.echo(f"  {report.signups} users signed up; {report.unconfirmed} have not confirmed their email yet")
     click.echo(f"  run-pending: {report.first_run.line()}")
     click.echo(f"  {sent} welcome emails delivered to {report.delivered_to}")
-    click.echo(f"  {report.still_pending} users stay pending until they confirm their email")
+    click.echo(
+        f"  {report.still_pending} users stay pending until they confirm their email "
+        "(the job's where= filter skips them)"
+    )
     click.echo(f"  a second run-pending found {report.second_run.done} rows to do: each user is emailed once")
     click.echo("")
     click.echo("Try the commands cron and operators use:")

@@ -1,0 +1,120 @@
+"""The CLI's commands and its errors: one line, non-zero exit, never a traceback or a password."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from conftest import cli_env, run_cli
+from test_run_pending import add_items
+
+
+def _url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+def assert_one_line_error(result: object, *fragments: str) -> None:
+    assert result.returncode != 0  # type: ignore[attr-defined]
+    err = result.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("Error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+def test_unknown_job(engine: Engine) -> None:
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "--job", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    assert_one_line_error(result, "unknown job 'nope'", "process_item")
+
+
+def test_unknown_queue(engine: Engine) -> None:
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "-q", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    assert_one_line_error(result, "unknown queue 'nope'", "items, mail, media")
+
+
+def test_app_that_fails_to_import_shows_the_import_error(tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text("import not_a_module_anywhere\n")
+    result = run_cli("-A", "brokenapp:jobs", "jobs", cwd=tmp_path)
+    assert_one_line_error(result, "cannot import app 'brokenapp'", "No module named 'not_a_module_anywhere'")
+
+
+def test_attribute_that_is_not_a_registry(tmp_path: Path) -> None:
+    (tmp_path / "notregistry.py").write_text("jobs = 42\n")
+    result = run_cli("-A", "notregistry:jobs", "jobs", cwd=tmp_path)
+    assert_one_line_error(result, "not a batchjobs Registry")
+
+
+def test_missing_app() -> None:
+    result = run_cli("run-pending")
+    assert_one_line_error(result, "-A")
+
+
+def test_unreachable_database_masks_the_password() -> None:
+    url = "postgresql://app:s3cret-pw@127.0.0.1:1/appdb"
+    result = run_cli("-A", "jobapp:jobs", "--database-url", url, "run-pending")
+    assert_one_line_error(result, "cannot connect to postgresql+psycopg://app:***@127.0.0.1:1/appdb")
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_missing_batchjobs_tables(pg_url: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", pg_url, "run-pending")
+    assert_one_line_error(result, "batchjobs tables are missing", "run `batchjobs migrate`")
+
+
+def test_no_database_url() -> None:
+    result = run_cli("-A", "jobapp:jobs", "run-pending")
+    assert_one_line_error(result, "no database URL")
+
+
+@pytest.mark.parametrize("value", ["5x", "ten", "-3s", "1h-2m"])
+def test_malformed_duration(value: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "sqlite://", "run-pending", "--max-runtime", value)
+    assert_one_line_error(result, "--max-runtime", "invalid duration")
+
+
+def test_unsupported_database() -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "mysql+pymysql://u:pw@127.0.0.1/x", "jobs")
+    assert_one_line_error(result)
+    assert "pw@" not in result.stderr
+
+
+def test_jobs_lists_pending_counts(engine: Engine) -> None:
+    add_items(engine, 4)
+    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    listing = run_cli("-A", "jobapp:jobs", "jobs", env=env)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MODEL", "FLAG", "QUEUE", "PENDING"]
+    assert lines[1].split() == ["process_item", "Item", "items.processed", "items", "4"]
+    data = json.loads(run_cli("-A", "jobapp:jobs", "jobs", "--json", env=env).stdout)
+    assert {d["name"]: d["pending"] for d in data} == {"process_item": 4, "send_receipt": 0, "make_thumbnails": 0}
+
+
+def test_database_url_precedence(engine: Engine, tmp_path: Path) -> None:
+    """--database-url beats $BATCHJOBS_DATABASE_URL, which beats $DATABASE_URL."""
+    add_items(engine, 2)
+    bad = f"sqlite:///{tmp_path / 'missing-dir' / 'x.sqlite3'}"
+    good = _url(engine)
+    assert run_cli("-A", "jobapp:jobs", "--database-url", good, "jobs", env=cli_env(BATCHJOBS_DATABASE_URL=bad)).returncode == 0
+    assert run_cli("-A", "jobapp:jobs", "jobs", env=cli_env(BATCHJOBS_DATABASE_URL=good, DATABASE_URL=bad)).returncode == 0
+    assert run_cli("-A", "jobapp:jobs", "jobs", env=cli_env(DATABASE_URL=good)).returncode == 0
+    assert run_cli("-A", "jobapp:jobs", "jobs", env=cli_env(BATCHJOBS_DATABASE_URL=bad, DATABASE_URL=good)).returncode != 0
+
+
+def test_app_from_environment(engine: Engine) -> None:
+    result = run_cli("jobs", env=cli_env(BATCHJOBS_APP="jobapp:jobs", BATCHJOBS_DATABASE_URL=_url(engine)))
+    assert result.returncode == 0 and "process_item" in result.stdout
+
+
+def test_help_explains_each_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("run-pending", "jobs", "migrate", "demo", "failures", "retry", "show-failure"):
+        assert command in result.stdout
+    run_help = run_cli("run-pending", "--help").stdout
+    assert "--max-runtime" in run_help and "SIGTERM" in run_help

@@ -1,0 +1,73 @@
+"""`batchjobs demo`: the example app end to end, to an outbox folder and to a real SMTP server."""
+
+from __future__ import annotations
+
+import email
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, run_cli
+
+
+def test_demo_writes_welcome_emails_to_the_outbox(tmp_path: Path) -> None:
+    result = run_cli("demo", "--signups", "50", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "batchjobs-demo.sqlite3").exists()
+    emails = sorted((tmp_path / "outbox").glob("*.eml"))
+    assert len(emails) == 45  # every tenth user has not confirmed their email
+    message = email.message_from_bytes(emails[0].read_bytes())
+    assert message["From"] == "welcome@example.com" and message["Subject"].startswith("Welcome aboard")
+    assert "45 welcome emails delivered" in result.stdout
+    assert "5 users stay pending" in result.stdout
+    assert "a second run-pending found 0 rows" in result.stdout
+
+    # The commands the demo suggests work as printed.
+    suggested = [line.split()[1:] for line in result.stdout.splitlines() if line.strip().startswith("batchjobs -A")]
+    assert len(suggested) == 2
+    listing = run_cli(*suggested[0], cwd=tmp_path)
+    assert listing.returncode == 0 and re.search(r"send_welcome_email\s+User\s+users.welcome_email_sent\s+mail\s+0", listing.stdout)
+    idle = run_cli(*suggested[1], cwd=tmp_path)
+    assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
+
+
+def test_demo_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    result = run_cli("--database-url", pg_url, "demo", "--signups", "20", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 18
+    assert not (tmp_path / "batchjobs-demo.sqlite3").exists()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[str, list[email.message.Message]]]:
+    from aiosmtpd.controller import Controller
+
+    received: list[email.message.Message] = []
+
+    class Handler:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            received.append(email.message_from_bytes(envelope.content))  # type: ignore[attr-defined]
+            return "250 OK"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield f"smtp://127.0.0.1:{port}", received
+    finally:
+        controller.stop()
+
+
+def test_demo_sends_through_smtp(smtp_server: tuple[str, list[email.message.Message]], tmp_path: Path) -> None:
+    url, received = smtp_server
+    result = run_cli("demo", "--signups", "30", cwd=tmp_path, env=cli_env(SMTP_URL=url))
+    assert result.returncode == 0, result.stderr
+    assert f"27 welcome emails delivered to {url}" in result.stdout
+    assert sorted(int(m["X-User-Id"]) for m in received) == [n for n in range(1, 31) if n % 10]
+    assert not (tmp_path / "outbox").exists()

@@ -1,0 +1,55 @@
+"""batchjobs' own migrations: their own version table, idempotent, the app's history untouched."""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, text
+
+from batchjobs.db import create_engine
+from batchjobs.migrate import migrate
+from batchjobs.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
+from conftest import cli_env, run_cli
+
+
+def test_migrate_creates_tables_beside_the_apps_own_alembic_history(db_url: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('app_rev_42')"))
+
+    first = run_cli("--database-url", db_url, "migrate")
+    second = run_cli("migrate", env=cli_env(BATCHJOBS_DATABASE_URL=db_url))
+
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"batchjobs tables upgraded from revision (none) to {SCHEMA_REVISION}"
+    assert second.stdout.strip() == f"batchjobs tables are up to date (revision {SCHEMA_REVISION})"
+    tables = set(inspect(engine).get_table_names())
+    assert {VERSION_TABLE, *metadata.tables} <= tables
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "app_rev_42"
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == SCHEMA_REVISION
+    engine.dispose()
+
+
+def test_schema_revision_constant_matches_the_migration_head() -> None:
+    from importlib.resources import files
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(files("batchjobs.migrations")))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_REVISION
+
+
+def test_migrated_schema_matches_the_models(db_url: str) -> None:
+    """No drift between schema.py and the migrations."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = create_engine(db_url)
+    migrate(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        diff = [d for d in compare_metadata(context, metadata) if not (d[0] == "remove_table")]
+    engine.dispose()
+    assert diff == []

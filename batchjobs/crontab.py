@@ -203,7 +203,9 @@ class _Schedule:
         queues = self.registry.queues
         for queue in queues:
             if not _UNIT_NAME.fullmatch(queue):
-                raise BatchJobsError(f"queue {queue!r} cannot be part of a systemd unit name; rename it or use cron")
+                raise BatchJobsError(
+                    f"queue {queue!r} cannot be part of a systemd unit name; rename it or use the cron format"
+                )
         timers = " ".join(f"batchjobs-{queue}.timer" for queue in queues)
         lines = [
             f"# batchjobs systemd units for -A {self.app}: run-pending for each queue, every minute.",

@@ -41,9 +41,8 @@ def cron_command(line: str) -> str:
 
 def run_line(line: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     # cron starts commands in $HOME: run from elsewhere so the line's own `cd` has to work.
-    return subprocess.run(
-        ["bash", "-c", cron_command(line)], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=120
-    )
+    command = ["bash", "-c", cron_command(line)]
+    return subprocess.run(command, cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=120)
 
 
 def pending(engine: Engine) -> dict[str, int]:
@@ -64,8 +63,15 @@ def app_engine(pg_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+def in_tmp(tmp_path: Path, **options: str) -> str:
+    """The schedule for jobapp as the tests run it: this python, tmp_path as workdir, a log there."""
+    return render_schedule(
+        jobapp.jobs, APP, python=sys.executable, workdir=str(tmp_path), log=str(tmp_path / "cron.log"), **options
+    )
+
+
 def test_cron_has_one_exact_line_per_queue(tmp_path: Path) -> None:
-    text = render_schedule(jobapp.jobs, APP, python=sys.executable, workdir=str(tmp_path), log=str(tmp_path / "cron.log"))
+    text = in_tmp(tmp_path)
 
     prefix = f"* * * * * cd {tmp_path} && {sys.executable} -m batchjobs -A jobapp:jobs run-pending"
     assert job_lines(text) == [
@@ -99,7 +105,12 @@ def test_cron_without_python_workdir_or_log_uses_the_console_script_and_lets_cro
 
 def test_cron_quotes_paths_and_escapes_percent() -> None:
     text = render_schedule(
-        jobapp.jobs, APP, python="/opt/my env/bin/python", workdir="/srv/it's 100%", log="/var/log/a b.log", max_runtime="50s"
+        jobapp.jobs,
+        APP,
+        python="/opt/my env/bin/python",
+        workdir="/srv/it's 100%",
+        log="/var/log/a b.log",
+        max_runtime="50s",
     )
 
     assert job_lines(text)[1] == (
@@ -125,7 +136,7 @@ def test_every_cron_line_runs_its_queue(app_engine: Engine, pg_url: str, tmp_pat
         session.execute(insert(jobapp.Order), [{"id": i} for i in range(1, 5)])
         session.execute(insert(jobapp.Image), [{"id": i} for i in range(1, 6)])
     log = tmp_path / "cron.log"
-    text = render_schedule(jobapp.jobs, APP, python=sys.executable, workdir=str(tmp_path), log=str(log))
+    text = in_tmp(tmp_path)
     home = tmp_path / "home"
     home.mkdir()
 
@@ -139,13 +150,20 @@ def test_every_cron_line_runs_its_queue(app_engine: Engine, pg_url: str, tmp_pat
     assert len(log.read_text().splitlines()) == 3
 
 
-def test_a_line_with_awkward_paths_and_its_own_url_variable_runs(app_engine: Engine, pg_url: str, tmp_path: Path) -> None:
+def test_a_line_with_awkward_paths_and_its_own_url_variable_runs(
+    app_engine: Engine, pg_url: str, tmp_path: Path
+) -> None:
     with Session(app_engine) as session, session.begin():
         session.execute(insert(jobapp.Order), [{"id": 1}, {"id": 2}])
     workdir = tmp_path / "it's 100% here"
     workdir.mkdir()
     text = render_schedule(
-        jobapp.jobs, APP, python=sys.executable, workdir=str(workdir), log=str(workdir / "cron $HOME.log"), database_url_env="MYAPP_DB"
+        jobapp.jobs,
+        APP,
+        python=sys.executable,
+        workdir=str(workdir),
+        log=str(workdir / "cron $HOME.log"),
+        database_url_env="MYAPP_DB",
     )
     mail_line = job_lines(text)[1]
 
@@ -164,7 +182,8 @@ def test_the_welcome_example_line_runs(pg_url: str, tmp_path: Path) -> None:
     migrate(engine)
     with Session(engine) as session, session.begin():
         session.execute(insert(User), [{"email": f"u{n}@example.com", "name": f"U{n}"} for n in range(3)])
-    (line,) = job_lines(render_schedule(jobs, WELCOME, python=sys.executable, workdir=str(tmp_path), log=str(tmp_path / "cron.log")))
+    text = render_schedule(jobs, WELCOME, python=sys.executable, workdir=str(tmp_path), log=str(tmp_path / "cron.log"))
+    (line,) = job_lines(text)
     home = tmp_path / "home"
     home.mkdir()
 
@@ -201,15 +220,17 @@ def split_units(text: str) -> dict[str, str]:
 
 def test_systemd_has_a_service_and_a_timer_per_queue(tmp_path: Path) -> None:
     log = tmp_path / "cron.log"
-    text = render_schedule(jobapp.jobs, APP, python=sys.executable, workdir=str(tmp_path), log=str(log), format="systemd")
+    text = in_tmp(tmp_path, format="systemd")
     units = split_units(text)
 
-    assert sorted(units) == [f"batchjobs-{q}.{kind}" for q in ("items", "mail", "media") for kind in ("service", "timer")]
+    queues = ("items", "mail", "media")
+    assert sorted(units) == [f"batchjobs-{queue}.{kind}" for queue in queues for kind in ("service", "timer")]
     service = units["batchjobs-mail.service"].splitlines()
     assert "Type=oneshot" in service
     assert f"WorkingDirectory={tmp_path}" in service
     assert "EnvironmentFile=-/etc/batchjobs.env" in service
-    assert f"ExecStart={sys.executable} -m batchjobs -A jobapp:jobs run-pending --queue mail --max-runtime 55s" in service
+    command = f"{sys.executable} -m batchjobs -A jobapp:jobs run-pending --queue mail --max-runtime 55s"
+    assert f"ExecStart={command}" in service
     assert f"StandardOutput=append:{log}" in service
     timer = units["batchjobs-mail.timer"].splitlines()
     for setting in ("OnCalendar=minutely", "AccuracySec=1s", "Persistent=false", "WantedBy=timers.target"):
@@ -218,10 +239,11 @@ def test_systemd_has_a_service_and_a_timer_per_queue(tmp_path: Path) -> None:
 
 
 def test_systemd_quotes_for_systemd_not_for_the_shell(tmp_path: Path) -> None:
-    text = render_schedule(jobapp.jobs, "jobapp:jobs", python="/opt/my env/bin/python", workdir="/srv/100%", format="systemd")
+    text = render_schedule(jobapp.jobs, APP, python="/opt/my env/bin/python", workdir="/srv/100%", format="systemd")
     service = split_units(text)["batchjobs-items.service"].splitlines()
 
-    assert 'ExecStart="/opt/my env/bin/python" -m batchjobs -A jobapp:jobs run-pending --queue items --max-runtime 55s' in service
+    command = '"/opt/my env/bin/python" -m batchjobs -A jobapp:jobs run-pending --queue items --max-runtime 55s'
+    assert f"ExecStart={command}" in service
     assert "WorkingDirectory=/srv/100%%" in service
 
 
@@ -233,16 +255,20 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     workdir = tmp_path / "it's 100%"
     workdir.mkdir()
     text = render_schedule(
-        jobapp.jobs, APP, python=str(python_dir / "python"), workdir=str(workdir), log=str(tmp_path / "a.log"),
-        database_url_env="MYAPP_DB", format="systemd",
+        jobapp.jobs,
+        APP,
+        python=str(python_dir / "python"),
+        workdir=str(workdir),
+        log=str(tmp_path / "a.log"),
+        database_url_env="MYAPP_DB",
+        format="systemd",
     )
     units = split_units(text)
     for name, content in units.items():
         (tmp_path / name).write_text(content)
 
-    result = subprocess.run(
-        ["systemd-analyze", "verify", *(str(tmp_path / name) for name in units)], capture_output=True, text=True, timeout=60
-    )
+    command = ["systemd-analyze", "verify", *(str(tmp_path / name) for name in units)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
@@ -256,6 +282,7 @@ def test_unknown_format_and_empty_registry_are_clear_errors() -> None:
 
 
 def test_python_dash_m_batchjobs_works() -> None:
-    result = subprocess.run([sys.executable, "-m", "batchjobs", "--help"], capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "batchjobs", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: batchjobs ")

@@ -18,29 +18,44 @@ def row_key_sql(job: FlagJob) -> Any:
     return cast(job.primary_key, String)
 
 
+def _held_back(now: datetime, run_started: datetime) -> Any:
+    """Failure-record condition for rows that must wait: dead, backing off, or failed this run."""
+    return or_(Failure.dead.is_(True), Failure.next_attempt_at > now, Failure.last_failed_at >= run_started)
+
+
 def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: datetime, limit: int) -> Any:
-    """Select up to ``limit`` eligible pending rows, locked for this transaction.
+    """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
 
-    Rows come as (model instance, attempts so far or None). A row is not eligible while it is
-    dead, waiting out its backoff, or already failed during this run.
-
-    The failure checks are scalar subqueries on purpose: PostgreSQL turns NOT EXISTS into an
+    The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
     anti-join, and a hash anti-join loses the index order, so with stale statistics it would
     sort every pending row on every claim. A scalar subquery is looked up per row through the
     failure table's primary key while the partial pending index is walked in key order, and the
-    walk stops after ``limit`` eligible rows: O(pending + failing) at worst, never O(table).
+    walk stops after ``limit`` rows: O(pending + failing) at worst, never O(table).
     """
     of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-    attempts = select(Failure.attempts).where(of_this_row).scalar_subquery()
-    not_now = or_(Failure.dead.is_(True), Failure.next_attempt_at > now, Failure.last_failed_at >= run_started)
-    held_back = select(literal(1)).where(of_this_row, not_now).limit(1).scalar_subquery()
-    stmt = (
-        select(job.model, attempts)
-        .where(job.pending(), held_back.is_(None))
-        .order_by(job.primary_key)
-        .limit(limit)
-    )
+    held_back = select(literal(1)).where(of_this_row, _held_back(now, run_started)).limit(1).scalar_subquery()
+    stmt = select(job.model).where(job.pending(), held_back.is_(None)).order_by(job.primary_key).limit(limit)
     return dialect.lock_for_claim(stmt, job.table)
+
+
+def failure_states(
+    session: Session, job: FlagJob, keys: Sequence[str], now: datetime, run_started: datetime
+) -> dict[str, tuple[int, bool]]:
+    """For claimed rows that have a failure record: row key -> (attempts so far, held back).
+
+    Run right after the claim, as its own statement: under READ COMMITTED it sees every failure
+    committed before this transaction got the row locks, including one recorded by another runner
+    after the claim's snapshot was taken. Skipping rows held back here means a row is never
+    attempted twice by overlapping runs before its backoff has passed.
+    """
+    if not keys:
+        return {}
+    rows = session.execute(
+        select(Failure.row_key, Failure.attempts, _held_back(now, run_started)).where(
+            Failure.job == job.name, Failure.row_key.in_(list(keys))
+        )
+    )
+    return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
 
 def mark_done(session: Session, job: FlagJob, keys: Sequence[Any], now: datetime) -> None:

@@ -302,3 +302,28 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
     click.echo(f"first failed {failure.first_failed_at:%Y-%m-%d %H:%M:%S} UTC, last {failure.last_failed_at:%Y-%m-%d %H:%M:%S} UTC")
     click.echo("")
     click.echo(failure.traceback.rstrip())
+
+
+@main.command("crontab")
+@click.option(
+    "--python",
+    metavar="PATH",
+    help="Python of the virtualenv batchjobs is installed in; runs `PATH -m batchjobs`. "
+    "Default: the `batchjobs` command, which must be on cron's PATH.",
+)
+@click.option("--workdir", metavar="DIR", help="Directory each run starts in, so your app imports.")
+@click.option("--log", metavar="FILE", help="Append output to this file instead of having cron mail it.")
+@click.option("--format", "fmt", type=click.Choice(["cron", "systemd"]), default="cron", show_default=True)
+@click.pass_obj
+def crontab_command(state: _State, python: str | None, workdir: str | None, log: str | None, fmt: str) -> None:
+    """Print a schedule that runs run-pending for every queue, every minute.
+
+    One crontab line per queue, to paste into `crontab -e`; with --format
+    systemd, a .service and a .timer per queue. Nothing is installed. The
+    database URL is never printed: set BATCHJOBS_DATABASE_URL in the crontab
+    (or in /etc/batchjobs.env for systemd).
+    """
+    from batchjobs.crontab import render_schedule
+
+    text = render_schedule(state.registry(), state.app or "", python=python, workdir=workdir, log=log, format=fmt)
+    click.echo(text, nl=False)

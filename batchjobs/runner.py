@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from batchjobs.claim import claim_statement, mark_done
+from batchjobs.claim import claim_statement, failure_states, mark_done
 from batchjobs.db import check_schema, connect, prepare
 from batchjobs.dialects import Dialect
 from batchjobs.durations import format_duration
@@ -162,24 +162,29 @@ class _Run:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         pk_attr = job.primary_key_attr
         with Session(self.bind, expire_on_commit=False, autoflush=False) as session:
-            claim = claim_statement(job, self.dialect, self.clock(), self.run_started, limit)
-            claimed = session.execute(claim).all()
+            now = self.clock()
+            claimed = session.scalars(claim_statement(job, self.dialect, now, self.run_started, limit)).all()
             if not claimed:
                 return 0
+            # Keys are read before any handler runs: a rolled-back savepoint expires its row.
+            keys = [getattr(row, pk_attr) for row in claimed]
+            states = failure_states(session, job, [str(key) for key in keys], now, self.run_started)
+            attempts = {key: count for key, (count, _) in states.items()}
+            held_back = {key for key, (_, held) in states.items() if held}
+            # Rows held back here stay pending; the commit releases them.
+            work = [(key, row) for key, row in zip(keys, claimed) if str(key) not in held_back]
             ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
-            # Keys are read before any handler runs: a rolled-back savepoint expires the rows.
-            keys = [getattr(row, pk_attr) for row, _ in claimed]
             done: list[Any] = []
             failures: list[RowFailure] = []
             if job.batch:
-                error = self._call(job, session, [row for row, _ in claimed], ctx)
+                error = self._call(job, session, [row for _, row in work], ctx) if work else None
                 if error is None:
-                    done = keys
+                    done = [key for key, _ in work]
                 else:
-                    failures = [RowFailure(str(k), a or 0, error) for k, (_, a) in zip(keys, claimed)]
+                    failures = [RowFailure(str(key), attempts.get(str(key), 0), error) for key, _ in work]
             else:
                 chunk_started = time.monotonic()
-                for index, (key, (row, attempts)) in enumerate(zip(keys, claimed)):
+                for index, (key, row) in enumerate(work):
                     # Commit early rather than hold the rest of the chunk locked: unhandled rows
                     # are released by the commit and claimed again by the next chunk.
                     if index and (time.monotonic() - chunk_started >= self.commit_interval or self.should_stop()):
@@ -188,11 +193,10 @@ class _Run:
                     if error is None:
                         done.append(key)
                     else:
-                        failures.append(RowFailure(str(key), attempts or 0, error))
+                        failures.append(RowFailure(str(key), attempts.get(str(key), 0), error))
             now = self.clock()
             mark_done(session, job, done, now)
-            had_failed = {str(k) for k, (_, attempts) in zip(keys, claimed) if attempts is not None}
-            clear_failures(session, job, [str(k) for k in done if str(k) in had_failed])
+            clear_failures(session, job, [str(key) for key in done if str(key) in states])
             record_failures(session, self.dialect, job, failures, now)
             for failure in failures:
                 self._report(job, failure)

@@ -114,7 +114,7 @@ def test_app_from_environment(engine: Engine) -> None:
 def test_help_explains_each_command() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("run-pending", "jobs", "migrate", "demo", "failures", "retry", "show-failure"):
+    for command in ("run-pending", "jobs", "migrate", "demo", "failures", "retry", "show-failure", "crontab"):
         assert command in result.stdout
     run_help = run_cli("run-pending", "--help").stdout
     assert "--max-runtime" in run_help and "SIGTERM" in run_help

@@ -17,7 +17,7 @@ from batchjobs import BatchJobsError, Registry
 from batchjobs.crontab import render_schedule
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
-from conftest import cli_env
+from conftest import cli_env, run_cli
 
 APP = "jobapp:jobs"
 WELCOME = "batchjobs.examples.welcome.app:jobs"
@@ -286,3 +286,15 @@ def test_python_dash_m_batchjobs_works() -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: batchjobs ")
+
+
+def test_crontab_command_prints_the_schedule() -> None:
+    result = run_cli("-A", "jobapp:jobs", "crontab", "--python", "/srv/app/venv/bin/python", "--workdir", "/srv/app")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert lines == [
+        f"* * * * * cd /srv/app && /srv/app/venv/bin/python -m batchjobs -A jobapp:jobs run-pending --queue {q} --max-runtime 55s"
+        for q in ("items", "mail", "media")
+    ]
+    systemd = run_cli("-A", "jobapp:jobs", "crontab", "--format", "systemd")
+    assert systemd.returncode == 0 and systemd.stdout.count("# ---- file: batchjobs-") == 6

@@ -7,10 +7,12 @@ LOCKED``, runs the job's handler and marks them done, all in the rows' own trans
 
 from batchjobs.errors import BatchJobsError, SchemaOutOfDate
 from batchjobs.failures import Backoff
-from batchjobs.registry import FlagJob, JobContext, Registry, flag_column, pending_index
+from batchjobs.registry import Backfill, BackfillContext, FlagJob, JobContext, Registry, flag_column, pending_index
 from batchjobs.runner import JobTimeout, RunSummary, StopRequest, run_pending
 
 __all__ = [
+    "Backfill",
+    "BackfillContext",
     "Backoff",
     "BatchJobsError",
     "FlagJob",

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from batchjobs import failures as failures_api
-from batchjobs.db import connect, create_engine, first_line, resolve_database_url
+from batchjobs.db import check_schema, connect, create_engine, ensure_schema, first_line, resolve_database_url
 from batchjobs.durations import format_duration, parse_duration
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import utcnow
@@ -50,6 +50,16 @@ class _State:
     def engine(self) -> Engine:
         registry_url = self.registry().database_url if self.app else None
         return create_engine(resolve_database_url(self.database_url, registry_url))
+
+    def connect(self) -> Connection:
+        """A connection to a database whose batchjobs tables are up to date."""
+        connection = connect(self.engine())
+        try:
+            check_schema(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
 
 class _Duration(click.ParamType):
@@ -246,7 +256,7 @@ def _next_attempt(failure: failures_api.FailureInfo, now: datetime) -> str:
 def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) -> None:
     """Rows that are failing (waiting to retry) or dead, oldest first."""
     registry = state.registry()
-    with connect(state.engine()) as connection:
+    with state.connect() as connection:
         rows = failures_api.list_failures(connection, registry, job=job, dead_only=dead)
     if as_json:
         _echo_json([row.as_json() for row in rows])
@@ -282,7 +292,7 @@ def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) 
 def retry_command(state: _State, job: str, rows: tuple[str, ...], all_dead: bool, everything: bool) -> None:
     """Clear failure records so the rows are tried again on the next run."""
     registry = state.registry()
-    with connect(state.engine()) as connection:
+    with state.connect() as connection:
         count = failures_api.retry(connection, registry, job, row_keys=rows, all_dead=all_dead, everything=everything)
         connection.commit()
     click.echo(f"{count} row(s) of {job} will be tried again on the next run")
@@ -295,7 +305,7 @@ def retry_command(state: _State, job: str, rows: tuple[str, ...], all_dead: bool
 def show_failure_command(state: _State, job: str, key: str) -> None:
     """The full last error of one failing row, traceback included."""
     registry = state.registry()
-    with connect(state.engine()) as connection:
+    with state.connect() as connection:
         failure = failures_api.show_failure(connection, registry, job, key)
     state_line = "dead" if failure.dead else f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
     click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s), {state_line}")
@@ -327,3 +337,188 @@ def crontab_command(state: _State, python: str | None, workdir: str | None, log:
 
     text = render_schedule(state.registry(), state.app or "", python=python, workdir=workdir, log=log, format=fmt)
     click.echo(text, nl=False)
+
+
+def _selection_options(command: Any) -> Any:
+    """The row selection shared by mark-done and requeue."""
+    options = [
+        click.option("--row", "rows", multiple=True, metavar="KEY", help="Primary key of a row (repeatable)."),
+        click.option("--id-range", metavar="FIRST:LAST", help="Primary keys from FIRST to LAST, both included."),
+        click.option(
+            "--where",
+            metavar="SQL",
+            help="Raw SQL boolean expression on the job's table, e.g. \"created_at >= :since\". "
+            "Use :name placeholders with --param; values are bound, never pasted into the SQL.",
+        ),
+        click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Value for a :NAME placeholder."),
+        click.option("--all", "everything", is_flag=True, help="Every row of the job's table."),
+        click.option(
+            "--chunk-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Rows per transaction."
+        ),
+        click.option(
+            "--lock-timeout",
+            type=DURATION,
+            default="5s",
+            show_default=True,
+            metavar="DURATION",
+            help="Give up waiting for a row lock after this long (the chunk is retried, then the command stops).",
+        ),
+        click.option("--dry-run", is_flag=True, help="Show how many rows would change and some of their keys; change nothing."),
+        click.option("--yes", is_flag=True, help=f"Do not ask before changing more than {10_000:,} rows."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]) -> None:
+    from batchjobs.admin import CONFIRM_ABOVE, Selection, apply, parse_id_range, parse_params, preview
+    from batchjobs.progress import Progress
+
+    job = state.registry().job(job_name)
+    selection = Selection(
+        keys=opts["rows"],
+        id_range=parse_id_range(opts["id_range"]) if opts["id_range"] else None,
+        where=opts["where"],
+        params=parse_params(opts["params"]),
+        everything=opts["everything"],
+    )
+    if opts["params"] and opts["where"] is None:
+        raise BatchJobsError("--param only goes with --where")
+    engine = state.engine()
+    ensure_schema(engine)
+    verb = "marked done" if action == "mark-done" else "requeued"
+    planned = preview(engine, job, selection, action)
+    if opts["dry_run"]:
+        if opts["as_json"]:
+            _echo_json({"action": action, "job": job.name, "dry_run": True, "rows": planned.rows, "sample": planned.sample})
+        else:
+            sample = ", ".join(planned.sample) + (", ..." if planned.rows > len(planned.sample) else "")
+            click.echo(f"{action} {job.name} (dry run): {planned.rows:,} rows would be {verb}" + (f"; first keys: {sample}" if sample else ""))
+            click.echo("nothing was changed")
+        return
+    if planned.rows > CONFIRM_ABOVE and not opts["yes"]:
+        if not click.get_text_stream("stdin").isatty():
+            raise BatchJobsError(f"this would change {planned.rows:,} rows; pass --yes to confirm (no terminal to ask on)")
+        click.confirm(f"{action} {job.name}: change {planned.rows:,} rows?", abort=True, err=True)
+    progress = Progress(f"{action} {job.name}", planned.rows)
+    result = apply(
+        engine, job, selection, action, chunk_size=opts["chunk_size"], lock_timeout=opts["lock_timeout"], progress=progress.advance
+    )
+    progress.finish()
+    if opts["as_json"]:
+        _echo_json({"action": action, "job": job.name, "dry_run": False, "rows": result.rows, "chunks": result.chunks, "failures_cleared": result.failures_cleared})
+    else:
+        cleared = f" ({result.failures_cleared} failure records cleared)" if result.failures_cleared else ""
+        click.echo(f"{action} {job.name}: {result.rows:,} rows {verb} in {result.chunks} chunk(s){cleared}")
+
+
+@main.command("mark-done")
+@click.argument("job")
+@_selection_options
+@click.pass_obj
+def mark_done_command(state: _State, job: str, **opts: Any) -> None:
+    """Set the flag of selected rows to done WITHOUT running the handler.
+
+    For example before enabling a new job on a table whose existing rows must
+    not be handled. Works in chunks, one short transaction each, so your app
+    keeps writing meanwhile; running it again continues where it stopped.
+    """
+    _change_rows(state, "mark-done", job, opts)
+
+
+@main.command("requeue")
+@click.argument("job")
+@_selection_options
+@click.pass_obj
+def requeue_command(state: _State, job: str, **opts: Any) -> None:
+    """Set the flag of selected rows back to pending, so the next run handles them again.
+
+    Also clears their failure records, so dead or backing-off rows are eligible
+    at once. Chunked like mark-done.
+    """
+    _change_rows(state, "requeue", job, opts)
+
+
+@main.command("backfill")
+@click.argument("name")
+@click.option("--restart", is_flag=True, help="Start over from the first row instead of resuming.")
+@click.option("--throttle", type=DURATION, default="0s", metavar="DURATION", help="Sleep this long between chunks, e.g. 0.2s.")
+@click.option("--dry-run", is_flag=True, help="Run the next chunk in a transaction that is rolled back; report what it would change.")
+@click.pass_obj
+def backfill_command(state: _State, name: str, restart: bool, throttle: float, dry_run: bool) -> None:
+    """Run a backfill defined with @jobs.backfill, resuming where it stopped.
+
+    One transaction per chunk; the position is saved with every committed
+    chunk, so after a crash or Ctrl-C the next invocation continues at the
+    first chunk that did not commit.
+    """
+    from batchjobs.backfill import dry_run_backfill, run_backfill
+    from batchjobs.progress import Progress
+    from batchjobs.runner import StopRequest, stop_on_signals
+
+    registry = state.registry()
+    registry.get_backfill(name)
+    engine = state.engine()
+    if dry_run:
+        result = dry_run_backfill(registry, engine, name, restart=restart)
+        click.echo(f"backfill {name} (dry run): the next chunk has {result.rows:,} of {result.total:,} remaining rows")
+        past = {"insert": "inserted", "update": "updated", "delete": "deleted"}
+        for table, kinds in sorted(result.changes.items()):
+            click.echo(f"  {table}: " + ", ".join(f"{n:,} rows {past[kind]}" for kind, n in sorted(kinds.items())))
+        if not result.changes:
+            click.echo("  no rows would change")
+        click.echo("nothing was changed (rolled back)")
+        return
+    progress: Progress | None = None
+
+    def report(rows: int, total: int | None) -> None:
+        nonlocal progress
+        if progress is None:
+            progress = Progress(f"backfill {name}", total)
+        progress.advance(rows)
+
+    with stop_on_signals(StopRequest()) as stop:
+        result = run_backfill(registry, engine, name, restart=restart, throttle=throttle, stop=stop, progress=report)
+    if progress is not None:
+        progress.finish()
+    if result.status == "interrupted":
+        click.echo(f"backfill {name}: interrupted after {result.rows:,} rows this run; run it again to resume")
+    else:
+        click.echo(f"backfill {name}: finished, {result.rows:,} rows in {result.chunks} chunk(s) this run")
+
+
+@main.command("backfills")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def backfills_command(state: _State, as_json: bool) -> None:
+    """List backfills: status, rows done, cursor, when started and finished, last error."""
+    from batchjobs.backfill import list_backfills
+
+    registry = state.registry()
+    with state.connect() as connection:
+        infos = list_backfills(connection, registry)
+    if as_json:
+        _echo_json([info.as_json() for info in infos])
+        return
+    if not infos:
+        click.echo("no backfills defined")
+        return
+    click.echo(
+        _table(
+            ("NAME", "STATUS", "ROWS", "CURSOR", "STARTED", "FINISHED", "LAST ERROR"),
+            [
+                (
+                    i.name + ("" if i.registered else " (not in app)"),
+                    i.status,
+                    f"{i.rows_done:,}" + (f"/{i.total:,}" if i.total is not None else ""),
+                    i.cursor or "-",
+                    (i.started_at or "-")[:19],
+                    (i.finished_at or "-")[:19],
+                    (i.last_error or "").splitlines()[0][:80] if i.last_error else "",
+                )
+                for i in infos
+            ],
+        )
+    )

@@ -113,3 +113,9 @@ def check_schema(connection: Connection) -> None:
         f"batchjobs tables in {where} are at revision {revision}, this version needs {SCHEMA_REVISION}: "
         "run `batchjobs migrate`"
     )
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Connect once and check batchjobs' tables, so a command fails before it changes anything."""
+    with connect(engine) as connection:
+        check_schema(connection)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Select, Table, event
+from sqlalchemy import Engine, Select, Table, event, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
@@ -42,6 +44,13 @@ class Dialect:
         """An INSERT that supports ``on_conflict_do_update``."""
         raise NotImplementedError
 
+    def limit_lock_wait(self, session: Session, seconds: float) -> None:
+        """Make this transaction give up after waiting ``seconds`` for a lock another holds."""
+
+    def is_lock_timeout(self, error: DBAPIError) -> bool:
+        """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
+        return False
+
 
 class PostgreSQL(Dialect):
     name = "postgresql"
@@ -52,6 +61,12 @@ class PostgreSQL(Dialect):
 
     def insert(self, table: Table) -> Insert:
         return postgresql.insert(table)
+
+    def limit_lock_wait(self, session: Session, seconds: float) -> None:
+        session.execute(text(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'"))
+
+    def is_lock_timeout(self, error: DBAPIError) -> bool:
+        return getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
 
 class SQLite(Dialect):
@@ -80,6 +95,10 @@ class SQLite(Dialect):
 
     def insert(self, table: Table) -> Insert:
         return sqlite.insert(table)
+
+    def is_lock_timeout(self, error: DBAPIError) -> bool:
+        # The busy timeout set on connect ran out.
+        return "database is locked" in str(error.orig)
 
 
 _DIALECTS: dict[str, Dialect] = {d.name: d for d in (PostgreSQL(), SQLite())}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Table, false, inspect, true
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, true
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
 
@@ -37,6 +37,20 @@ def _column(flag: InstrumentedAttribute[Any] | Column[Any]) -> Column[Any]:
     if not columns or not isinstance(columns[0], Column):
         raise BatchJobsError(f"{flag!r} is not a mapped column attribute (e.g. User.welcome_email_sent)")
     return columns[0]
+
+
+def parse_key(column: Column[Any], text: str) -> Any:
+    """A primary key typed on the command line (or stored as text), as the column's Python type."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return text
+    if python_type is str:
+        return text
+    try:
+        return python_type(text)
+    except (TypeError, ValueError):
+        raise BatchJobsError(f"{text!r} is not a valid key for {column.table.name}.{column.name}") from None
 
 
 def pending_condition(flag: Column[Any]) -> ColumnElement[bool]:
@@ -138,6 +152,39 @@ class FlagJob:
         return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
 
 
+@dataclass
+class BackfillContext:
+    """Passed as the optional second argument of a backfill function."""
+
+    session: Session
+    backfill: Backfill
+    logger: logging.Logger
+
+
+@dataclass(frozen=True, eq=False)
+class Backfill:
+    """A one-off function over every row of a query, run in resumable keyset chunks."""
+
+    name: str
+    handler: Handler
+    query: Select[Any]
+    model: type
+    chunk_size: int = 1000
+    wants_context: bool = False
+
+    @property
+    def primary_key(self) -> Column[Any]:
+        return next(iter(inspect(self.model).local_table.primary_key.columns))
+
+    @property
+    def primary_key_attr(self) -> str:
+        mapper: Mapper[Any] = inspect(self.model)
+        return mapper.get_property_by_column(self.primary_key).key
+
+    def call(self, rows: list[Any], ctx: BackfillContext) -> Any:
+        return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
+
+
 def _for_column(column: Column[Any], now: datetime) -> datetime:
     # A naive column gets naive UTC, so the value means the same on every server time zone.
     timezone_aware = isinstance(column.type, DateTime) and column.type.timezone
@@ -162,6 +209,7 @@ class Registry:
         self.database_url = database_url
         self.on_failure = on_failure
         self.jobs: dict[str, FlagJob] = {}
+        self.backfills: dict[str, Backfill] = {}
 
     def flag_job(
         self,
@@ -223,6 +271,48 @@ class Registry:
             return handler
 
         return register
+
+    def backfill(
+        self, query: Select[Any], *, name: str | None = None, chunk_size: int = 1000
+    ) -> Callable[[Handler], Handler]:
+        """Register a one-off backfill: the function gets each chunk of ``query``'s rows as a list.
+
+        ``query`` selects one mapped class, e.g. ``select(User).where(User.display_name.is_(None))``;
+        it is walked in primary-key order, one transaction per chunk, and the position is saved
+        with every committed chunk so `batchjobs backfill NAME` resumes after a crash or Ctrl-C.
+        """
+        entities = [d.get("entity") for d in query.column_descriptions]
+        if len(entities) != 1 or entities[0] is None or len(query.column_descriptions) != 1:
+            raise BatchJobsError("a backfill query must select one mapped class, e.g. select(User).where(...)")
+        model = entities[0]
+        if len(inspect(model).primary_key) != 1:
+            raise BatchJobsError(f"{model.__name__} has a composite primary key; backfills need a single-column key")
+        if chunk_size < 1:
+            raise BatchJobsError(f"chunk_size must be at least 1, got {chunk_size}")
+
+        def register(handler: Handler) -> Handler:
+            backfill_name = name or handler.__name__
+            if backfill_name in self.backfills:
+                raise BatchJobsError(f"a backfill named {backfill_name!r} is already registered")
+            self.backfills[backfill_name] = Backfill(
+                name=backfill_name,
+                handler=handler,
+                query=query,
+                model=model,
+                chunk_size=chunk_size,
+                wants_context=_wants_context(handler),
+            )
+            return handler
+
+        return register
+
+    def get_backfill(self, name: str) -> Backfill:
+        """The backfill called ``name``, or a clear error listing the known ones."""
+        try:
+            return self.backfills[name]
+        except KeyError:
+            known = ", ".join(sorted(self.backfills)) or "none registered"
+            raise BatchJobsError(f"unknown backfill {name!r} (known backfills: {known})") from None
 
     @property
     def queues(self) -> list[str]:

@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from batchjobs.claim import claim_statement, failure_states, mark_done
-from batchjobs.db import check_schema, connect, prepare
+from batchjobs.db import ensure_schema, prepare
 from batchjobs.dialects import Dialect
 from batchjobs.durations import format_duration
 from batchjobs.failures import RowFailure, clear_failures, record_failures, utcnow
@@ -122,8 +122,7 @@ def run_pending(
     """
     selected = registry.select(jobs=jobs, queues=queues)
     dialect = prepare(engine)
-    with connect(engine) as connection:
-        check_schema(connection)
+    ensure_schema(engine)
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
     deadline = started + max_runtime if max_runtime is not None else None

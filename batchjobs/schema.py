@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Dialect, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 
@@ -63,6 +63,24 @@ class Failure(Base):
     error_type: Mapped[str] = mapped_column(String(200))
     error_message: Mapped[str] = mapped_column(Text)
     traceback: Mapped[str] = mapped_column(Text)
+
+
+class BackfillState(Base):
+    """Where a backfill is: its cursor is saved with each committed chunk, so it can resume."""
+
+    __tablename__ = "batchjobs_backfills"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: running, interrupted, failed or finished. A crash leaves "running" behind.
+    status: Mapped[str] = mapped_column(String(20))
+    #: Primary key (as text) of the last row of the last committed chunk; NULL before the first.
+    cursor: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    total: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 metadata = Base.metadata

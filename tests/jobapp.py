@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, ForeignKey, String
+from sqlalchemy import DateTime, ForeignKey, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from batchjobs import JobContext, Registry, flag_column, pending_index
+from batchjobs import BackfillContext, JobContext, Registry, flag_column, pending_index
 
 
 class Base(DeclarativeBase):
@@ -137,3 +137,12 @@ def make_thumbnails(images: list[Image]) -> None:
         effect("make_thumbnails", image.id)
     if any(image.id in behaviour.poison for image in images):
         raise ValueError("poison image in batch")
+
+
+@jobs.backfill(select(Item).where(Item.note.is_(None)), chunk_size=100)
+def fill_notes(items: list[Item], ctx: BackfillContext) -> None:
+    # Never more than one chunk in memory: the session holds this chunk and the cursor row.
+    assert len(ctx.session.identity_map) <= len(items) + 1, len(ctx.session.identity_map)
+    for item in items:
+        item.note = "filled"
+        _handle("fill_notes", item.id)

@@ -1,0 +1,61 @@
+"""Helpers for the app's own alembic migrations.
+
+Adding a flag column to a big table is where a poor man's queue bites: every existing row is
+suddenly "pending" and the next run emails five million users. ``add_flag_column`` adds the
+column so existing rows get the state you choose while new rows default to pending, and builds
+the partial pending index without locking the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def add_flag_column(
+    op: Any,
+    table: str,
+    column: str,
+    *,
+    existing_rows: str,
+    index: bool = True,
+    index_name: str | None = None,
+) -> None:
+    """Add a Boolean flag column (NOT NULL, server default false = pending) to ``table``.
+
+    ``existing_rows`` is ``"done"`` (existing rows are not handled; the usual choice) or
+    ``"pending"`` (every existing row is handled by the next runs). With ``index`` (default) the
+    partial index :func:`batchjobs.pending_index` declares is created too, under the same name.
+
+    On PostgreSQL adding a column with a constant default rewrites nothing (11+), so this is
+    instant on any table size, and the index is built with ``CREATE INDEX CONCURRENTLY`` in an
+    autocommit block, so the app keeps writing meanwhile. On SQLite existing rows are updated
+    in place.
+    """
+    if existing_rows not in ("done", "pending"):
+        raise ValueError(f"existing_rows must be 'done' or 'pending', not {existing_rows!r}")
+    bind = op.get_bind()
+    postgresql = bind.dialect.name == "postgresql"
+    done = existing_rows == "done"
+    if done and postgresql:
+        # Existing rows take the column default at ADD time; then new rows get "pending".
+        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
+        op.alter_column(table, column, server_default=sa.false())
+    else:
+        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
+        if done:
+            op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
+    if not index:
+        return
+    primary_key = sa.inspect(bind).get_pk_constraint(table)["constrained_columns"]
+    if len(primary_key) != 1:
+        raise ValueError(f"{table} needs a single-column primary key for a pending index, has {primary_key}")
+    # Same expression as pending_index(), so the claim query matches the index.
+    pending = sa.column(column, sa.Boolean()) == sa.false()
+    name = index_name or f"ix_{table}_{column}_pending"
+    if postgresql:
+        with op.get_context().autocommit_block():
+            op.create_index(name, table, primary_key, postgresql_where=pending, postgresql_concurrently=True)
+    else:
+        op.create_index(name, table, primary_key, sqlite_where=pending)

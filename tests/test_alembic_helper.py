@@ -1,0 +1,75 @@
+"""batchjobs.alembic.add_flag_column in a real alembic migration of an app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import inspect, text
+
+from batchjobs.db import create_engine
+
+ENV = '''
+from alembic import context
+from sqlalchemy import create_engine
+
+engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+with engine.connect() as connection:
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+'''
+
+MIGRATION = '''
+"""add welcome_email_sent"""
+from alembic import op
+
+from batchjobs.alembic import add_flag_column
+
+revision = "a1"
+down_revision = None
+
+
+def upgrade():
+    add_flag_column(op, "users", "welcome_email_sent", existing_rows={existing!r})
+'''
+
+
+def _app_migrations(tmp_path: Path, url: str, existing: str) -> Config:
+    scripts = tmp_path / "app_migrations"
+    (scripts / "versions").mkdir(parents=True)
+    (scripts / "env.py").write_text(ENV)
+    (scripts / "script.py.mako").write_text("")
+    (scripts / "versions" / "a1_add_flag.py").write_text(MIGRATION.format(existing=existing))
+    config = Config()
+    config.set_main_option("script_location", str(scripts))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+@pytest.mark.parametrize("existing", ["done", "pending"])
+def test_add_flag_column_on_a_table_with_rows(db_url: str, tmp_path: Path, existing: str) -> None:
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY, email VARCHAR(100))"))
+        conn.execute(text("INSERT INTO users (id, email) VALUES (1, 'a@x'), (2, 'b@x'), (3, 'c@x')"))
+
+    command.upgrade(_app_migrations(tmp_path, engine.url.render_as_string(hide_password=False), existing), "head")
+
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, email) VALUES (4, 'new@x')"))
+        flags = dict(conn.execute(text("SELECT id, welcome_email_sent FROM users ORDER BY id")).all())
+    old_state = existing == "done"
+    assert {k: bool(v) for k, v in flags.items()} == {1: old_state, 2: old_state, 3: old_state, 4: False}
+    [index] = [i for i in inspect(engine).get_indexes("users") if i["name"] == "ix_users_welcome_email_sent_pending"]
+    assert index["column_names"] == ["id"]
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            ddl = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_users_welcome_email_sent_pending'")).scalar()
+            assert ddl.endswith("WHERE (welcome_email_sent = false)")
+        else:
+            ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ix_users_welcome_email_sent_pending'")).scalar()
+            assert ddl.endswith("WHERE welcome_email_sent = 0")
+    engine.dispose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,7 @@ from batchjobs.db import check_schema, connect, create_engine, ensure_schema, fi
 from batchjobs.durations import format_duration, parse_duration
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import utcnow
+from batchjobs.logs import configure as configure_logging
 from batchjobs.registry import Registry, load_registry
 
 
@@ -110,7 +110,7 @@ def main(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     Your app inserts rows whose flag column defaults to pending; cron runs
     `batchjobs run-pending` every minute to handle them. Start with `batchjobs demo`.
     """
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    configure_logging()
     ctx.obj = _State(app=app, database_url=database_url)
 
 
@@ -132,6 +132,15 @@ def main(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     metavar="DURATION",
     help="Commit a chunk early after this long, releasing the rows it has not reached yet.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="BATCHJOBS_LOG_FORMAT",
+    help="json: one JSON object per log event and for the summary (or $BATCHJOBS_LOG_FORMAT).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log every row handled, with its duration.")
 @click.pass_obj
 def run_pending_command(
     state: _State,
@@ -140,6 +149,8 @@ def run_pending_command(
     max_runtime: float | None,
     batch_size: int | None,
     commit_interval: float,
+    log_format: str,
+    verbose: bool,
 ) -> None:
     """Handle pending rows until none is left or --max-runtime is spent, then exit.
 
@@ -149,6 +160,7 @@ def run_pending_command(
     """
     from batchjobs.runner import StopRequest, run_pending, stop_on_signals
 
+    configure_logging(log_format, verbose)
     registry = state.registry()
     engine = state.engine()
     with stop_on_signals(StopRequest()) as stop:
@@ -162,7 +174,11 @@ def run_pending_command(
             commit_interval=commit_interval,
             stop=stop,
         )
-    if summary.done or summary.failed:
+    if not (summary.done or summary.failed):
+        return
+    if log_format == "json":
+        click.echo(json.dumps({"event": "run finished", **summary.as_json()}))
+    else:
         click.echo(summary.line())
 
 
@@ -522,3 +538,128 @@ def backfills_command(state: _State, as_json: bool) -> None:
             ],
         )
     )
+
+
+def _age_text(seconds: float | None) -> str:
+    return "-" if seconds is None else _age(seconds)
+
+
+@main.command("status")
+@click.option("-q", "--queue", "queues", multiple=True, metavar="QUEUE", help="Only jobs of this queue (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_obj
+def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> None:
+    """Per job: pending rows, oldest pending age, backing off, dead, done in the last hour.
+
+    Below the table: the last run (when, where, how it ended) and the runs alive now.
+    Oldest pending age needs pending_since= on the job.
+    """
+    from batchjobs.monitoring import status
+
+    registry = state.registry()
+    with state.connect() as connection:
+        current = status(connection, registry, queues=queues)
+    if as_json:
+        _echo_json(current.as_json())
+        return
+    click.echo(
+        _table(
+            ("JOB", "QUEUE", "PENDING", "OLDEST", "BACKOFF", "DEAD", "DONE 1H"),
+            [
+                (j.name, j.queue, j.pending, _age_text(j.oldest_pending_age), j.backoff, j.dead, j.done_last_hour)
+                for j in current.jobs
+            ],
+        )
+    )
+    click.echo("")
+    now = utcnow()
+    if current.last_run is None:
+        click.echo("last run: none recorded yet")
+    else:
+        run = current.last_run
+        click.echo(
+            f"last run: started {_age((now - run.started_at).total_seconds())} ago on {run.host} (pid {run.pid}), "
+            f"{run.outcome}, {run.rows_done} done, {run.rows_failed} failed in {format_duration(run.seconds)}"
+        )
+    alive = ", ".join(f"{r.host} pid {r.pid} for {_age((now - r.started_at).total_seconds())}" for r in current.alive)
+    click.echo(f"running now: {alive or 'none'}")
+
+
+class _CheckCommand(click.Command):
+    """Nagios convention: anything that stops the check itself is UNKNOWN (exit 3), even bad usage."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            click.echo(f"BATCHJOBS UNKNOWN - {exc.format_message()}")
+            raise click.exceptions.Exit(3) from None
+
+
+@main.command("check", cls=_CheckCommand)
+@click.option("--job", "jobs", multiple=True, metavar="NAME", help="Only this job (repeatable). Default: all.")
+@click.option("--max-pending", metavar="[WARN,]CRIT", help="Pending rows per job.")
+@click.option("--max-pending-age", metavar="[WARN,]CRIT", help="Age of the oldest pending row, e.g. 5m,10m (needs pending_since=).")
+@click.option("--max-dead", metavar="[WARN,]CRIT", help="Dead rows per job, e.g. 0 for none at all.")
+@click.option("--max-since-last-run", metavar="[WARN,]CRIT", help="Time since the last run started, e.g. 2m,5m.")
+@click.pass_obj
+def check_command(
+    state: _State,
+    jobs: tuple[str, ...],
+    max_pending: str | None,
+    max_pending_age: str | None,
+    max_dead: str | None,
+    max_since_last_run: str | None,
+) -> None:
+    """Health check for Nagios, Icinga, Consul and friends.
+
+    Prints one line with performance data after '|' and exits 0 OK, 1 WARNING,
+    2 CRITICAL, or 3 UNKNOWN (e.g. the database cannot be reached). Each limit is
+    CRIT or WARN,CRIT; a value above it raises the state.
+    """
+    from batchjobs.check import NO_LIMIT, UNKNOWN, Threshold, run_check
+
+    def limit(text: str | None, option: str, duration: bool = False) -> Threshold:
+        return Threshold.parse(text, option, duration) if text is not None else NO_LIMIT
+
+    try:
+        thresholds = {
+            "max_pending": limit(max_pending, "--max-pending"),
+            "max_pending_age": limit(max_pending_age, "--max-pending-age", duration=True),
+            "max_dead": limit(max_dead, "--max-dead"),
+            "max_since_last_run": limit(max_since_last_run, "--max-since-last-run", duration=True),
+        }
+        registry = state.registry()
+        with state.connect() as connection:
+            result = run_check(connection, registry, jobs=jobs, **thresholds)
+    except BatchJobsError as exc:
+        click.echo(f"BATCHJOBS UNKNOWN - {exc}")
+        raise click.exceptions.Exit(UNKNOWN) from None
+    except DBAPIError as exc:
+        click.echo(f"BATCHJOBS UNKNOWN - database error: {first_line(exc)}")
+        raise click.exceptions.Exit(UNKNOWN) from None
+    click.echo(result.line())
+    raise click.exceptions.Exit(result.code)
+
+
+@main.command("metrics")
+@click.option(
+    "--textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file atomically, for node_exporter's textfile collector, instead of printing.",
+)
+@click.pass_obj
+def metrics_command(state: _State, textfile: Path | None) -> None:
+    """Prometheus metrics per job: pending, oldest pending age, backoff, dead, last run.
+
+    Needs prometheus_client: pip install 'batchjobs[metrics]'.
+    """
+    from batchjobs.metrics import collect, render, write_textfile
+
+    registry = state.registry()
+    with state.connect() as connection:
+        metrics = collect(connection, registry)
+    if textfile is None:
+        click.echo(render(metrics), nl=False)
+    else:
+        write_textfile(metrics, textfile)

@@ -113,6 +113,7 @@ class FlagJob:
     max_attempts: int = 10
     backoff: Callable[[int], float] = field(default_factory=Backoff)
     timeout: float | None = None
+    pending_since: Column[Any] | None = None
     wants_context: bool = False
 
     @property
@@ -224,12 +225,16 @@ class Registry:
         max_attempts: int = 10,
         backoff: Callable[[int], float] | None = None,
         timeout: float | None = None,
+        pending_since: InstrumentedAttribute[Any] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler for rows whose ``flag`` is pending.
 
         ``flag`` is a Boolean column (False = pending, True = done) or a nullable DateTime column
         (NULL = pending, set to the current time when done). The handler gets one row, or a list of
         rows with ``batch=True``, and optionally a :class:`JobContext` as second argument.
+
+        ``pending_since`` names a timestamp column telling since when a row waits (usually
+        ``created_at``); with it, `status`, `check` and `metrics` report the oldest pending age.
         """
         column = _column(flag)
         pending_condition(column)  # validates the column type early
@@ -266,6 +271,7 @@ class Registry:
                 max_attempts=max_attempts,
                 backoff=backoff or Backoff(),
                 timeout=timeout,
+                pending_since=_column(pending_since) if pending_since is not None else None,
                 wants_context=_wants_context(handler),
             )
             return handler

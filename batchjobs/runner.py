@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -30,6 +30,7 @@ from batchjobs.db import ensure_schema, prepare
 from batchjobs.dialects import Dialect
 from batchjobs.durations import format_duration
 from batchjobs.failures import RowFailure, clear_failures, record_failures, utcnow
+from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry
 
 logger = logging.getLogger("batchjobs")
@@ -89,6 +90,15 @@ class RunSummary:
     def failed(self) -> int:
         return sum(s.failed for s in self.jobs.values())
 
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "done": self.done,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "stopped_by": self.stopped_by,
+            "jobs": {name: {"done": s.done, "failed": s.failed} for name, s in self.jobs.items()},
+        }
+
     def line(self) -> str:
         """One line for cron's mail: totals, then per job."""
         per_job = ", ".join(
@@ -114,11 +124,13 @@ def run_pending(
     commit_interval: float = 1.0,
     stop: StopRequest | None = None,
     clock: Callable[[], datetime] = utcnow,
+    record: bool = True,
 ) -> RunSummary:
     """Handle pending rows of the selected jobs until none is left, time is up, or ``stop`` is set.
 
     Jobs take turns one chunk at a time, so one big backlog does not starve the others. A row
     that fails is not tried again in the same run; ``clock`` is the wall clock for backoff times.
+    With ``record`` the run is kept in batchjobs' run history (see :mod:`batchjobs.history`).
     """
     selected = registry.select(jobs=jobs, queues=queues)
     dialect = prepare(engine)
@@ -128,18 +140,17 @@ def run_pending(
     deadline = started + max_runtime if max_runtime is not None else None
     run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
-    active = list(selected)
-    while active and not run.should_stop():
-        for job in list(active):
-            if run.should_stop():
-                break
-            claimed = run.chunk(job, batch_size or job.batch_size, summary.jobs[job.name])
-            if not claimed:
-                active.remove(job)
-    summary.seconds = time.monotonic() - started
-    summary.stopped_by = stop.reason or (
-        "max-runtime" if deadline is not None and time.monotonic() >= deadline and active else None
-    )
+    with record_run(engine, summary, queues, clock) if record else nullcontext():
+        active = list(selected)
+        while active and not run.should_stop():
+            for job in list(active):
+                if run.should_stop():
+                    break
+                claimed = run.chunk(job, batch_size or job.batch_size, summary.jobs[job.name])
+                if not claimed:
+                    active.remove(job)
+        summary.seconds = time.monotonic() - started
+        summary.stopped_by = stop.reason or ("max-runtime" if active else None)
     return summary
 
 
@@ -153,6 +164,10 @@ class _Run:
     stop: StopRequest
     deadline: float | None
     clock: Callable[[], datetime]
+
+    @property
+    def verbose(self) -> bool:
+        return logger.isEnabledFor(logging.INFO)
 
     def should_stop(self) -> bool:
         return bool(self.stop) or (self.deadline is not None and time.monotonic() >= self.deadline)
@@ -186,13 +201,16 @@ class _Run:
                 for index, (key, row) in enumerate(work):
                     # Commit early rather than hold the rest of the chunk locked: unhandled rows
                     # are released by the commit and claimed again by the next chunk.
-                    if index and (time.monotonic() - chunk_started >= self.commit_interval or self.should_stop()):
+                    row_started = time.monotonic()
+                    if index and (row_started - chunk_started >= self.commit_interval or self.should_stop()):
                         break
                     error = self._call(job, session, row, ctx)
                     if error is None:
                         done.append(key)
                     else:
                         failures.append(RowFailure(str(key), attempts.get(str(key), 0), error))
+                    if self.verbose:
+                        _log_row(job, key, time.monotonic() - row_started, error)
             now = self.clock()
             mark_done(session, job, done, now)
             clear_failures(session, job, [str(key) for key in done if str(key) in states])
@@ -226,13 +244,25 @@ class _Run:
             failure.error_type,
             failure.error,
             exc_info=failure.error,
-            extra={"job": job.name, "row_key": failure.row_key, "attempt": attempt},
+            extra={"job": job.name, "row_key": failure.row_key, "attempt": attempt, "outcome": "failed"},
         )
         if self.registry.on_failure is not None:
             try:
                 self.registry.on_failure(job, failure.row_key, failure.error)
             except Exception:  # noqa: BLE001 - a broken hook must not lose the chunk
                 logger.exception("on_failure hook raised for job %s row %s", job.name, failure.row_key)
+
+
+def _log_row(job: FlagJob, key: Any, seconds: float, error: BaseException | None) -> None:
+    outcome = "done" if error is None else "failed"
+    logger.info(
+        "job %s row %s %s in %.3fs",
+        job.name,
+        key,
+        outcome,
+        seconds,
+        extra={"job": job.name, "row_key": str(key), "duration": round(seconds, 6), "outcome": outcome},
+    )
 
 
 @contextmanager

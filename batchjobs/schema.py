@@ -13,7 +13,7 @@ from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 
@@ -81,6 +81,32 @@ class BackfillState(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RunRecord(Base):
+    """One `run-pending` invocation: where it ran, its heartbeat, and how it ended.
+
+    Written in short transactions of its own, never inside a chunk's. A run whose heartbeat went
+    stale without a finish time crashed (kill -9, OOM, host lost).
+    """
+
+    __tablename__ = "batchjobs_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: Comma-separated names of the jobs the run covered.
+    jobs: Mapped[str] = mapped_column(Text)
+    queues: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    rows_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rows_failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: JSON: {job name: [done, failed]}.
+    job_stats: Mapped[str] = mapped_column(Text, default="{}")
+    #: NULL while running; then finished, interrupted (signal or --max-runtime) or failed.
+    outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
 
 
 metadata = Base.metadata

@@ -1,0 +1,142 @@
+"""`batchjobs check`: a health check with Nagios plugin conventions, usable by Consul as is.
+
+One line of text, performance data after ``|``, and the exit status says it all: 0 OK,
+1 WARNING, 2 CRITICAL, 3 UNKNOWN (the check itself could not run, e.g. the database is down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection
+
+from batchjobs.durations import format_duration, parse_duration
+from batchjobs.errors import BatchJobsError
+from batchjobs.failures import utcnow
+from batchjobs.monitoring import last_run, status
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """``CRIT`` or ``WARN,CRIT``: above WARN is a warning, above CRIT is critical."""
+
+    warn: float | None
+    crit: float | None
+
+    @classmethod
+    def parse(cls, text: str, option: str, duration: bool = False) -> Threshold:
+        def number(part: str) -> float:
+            if duration:
+                return parse_duration(part)
+            try:
+                value = float(part)
+            except ValueError:
+                raise BatchJobsError(f"{option} {text!r}: expected a number, or WARN,CRIT") from None
+            if value < 0:
+                raise BatchJobsError(f"{option} {text!r}: thresholds cannot be negative")
+            return value
+
+        parts = [part.strip() for part in text.split(",")]
+        try:
+            if len(parts) == 1:
+                return cls(None, number(parts[0]))
+            if len(parts) == 2:
+                warn, crit = number(parts[0]), number(parts[1])
+                if warn > crit:
+                    raise BatchJobsError(f"{option} {text!r}: the warning level is above the critical one")
+                return cls(warn, crit)
+        except BatchJobsError as exc:
+            raise BatchJobsError(str(exc) if str(exc).startswith(option) else f"{option}: {exc}") from None
+        raise BatchJobsError(f"{option} {text!r}: expected CRIT or WARN,CRIT")
+
+    def state(self, value: float) -> int:
+        if self.crit is not None and value > self.crit:
+            return CRITICAL
+        if self.warn is not None and value > self.warn:
+            return WARNING
+        return OK
+
+    def perf(self, value: float, unit: str = "") -> str:
+        def fmt(level: float | None) -> str:
+            return "" if level is None else f"{level:g}{unit}"
+
+        return f"{value:g}{unit};{fmt(self.warn)};{fmt(self.crit)};0"
+
+
+NO_LIMIT = Threshold(None, None)
+
+
+@dataclass
+class CheckResult:
+    code: int
+    summary: str
+    problems: list[str]
+    perfdata: list[str]
+
+    def line(self) -> str:
+        text = "; ".join(self.problems) if self.problems else self.summary
+        return f"BATCHJOBS {STATE_NAMES[self.code]} - {text} | {' '.join(self.perfdata)}".rstrip(" |")
+
+
+def run_check(
+    connection: Connection,
+    registry: object,
+    *,
+    jobs: Sequence[str] = (),
+    max_pending: Threshold = NO_LIMIT,
+    max_pending_age: Threshold = NO_LIMIT,
+    max_dead: Threshold = NO_LIMIT,
+    max_since_last_run: Threshold = NO_LIMIT,
+    now: datetime | None = None,
+) -> CheckResult:
+    """Evaluate the thresholds for the chosen jobs (all by default) against the database."""
+    from batchjobs.registry import Registry
+
+    assert isinstance(registry, Registry)
+    now = now or utcnow()
+    chosen = {job.name for job in registry.select(jobs=jobs)}
+    current = status(connection, registry, now=now)
+    code = OK
+    problems: list[str] = []
+    perfdata: list[str] = []
+
+    def judge(threshold: Threshold, value: float, what: Callable[[], str]) -> None:
+        nonlocal code
+        state = threshold.state(value)
+        if state != OK:
+            code = max(code, state)
+            limit = threshold.crit if state == CRITICAL else threshold.warn
+            problems.append(f"{STATE_NAMES[state]}: {what()} (limit {limit:g})")
+
+    pending_total = dead_total = 0
+    for job in (j for j in current.jobs if j.name in chosen):
+        pending_total += job.pending
+        dead_total += job.dead
+        judge(max_pending, job.pending, lambda: f"{job.name} has {job.pending} pending")
+        perfdata.append(f"'{job.name}_pending'={max_pending.perf(job.pending)}")
+        if job.oldest_pending_age is not None:
+            age = job.oldest_pending_age
+            judge(max_pending_age, age, lambda: f"{job.name}'s oldest pending row waits {format_duration(age)}")
+            perfdata.append(f"'{job.name}_oldest_pending_age'={max_pending_age.perf(round(age), 's')}")
+        judge(max_dead, job.dead, lambda: f"{job.name} has {job.dead} dead")
+        perfdata.append(f"'{job.name}_dead'={max_dead.perf(job.dead)}")
+        perfdata.append(f"'{job.name}_backoff'={NO_LIMIT.perf(job.backoff)}")
+
+    latest = last_run(connection, now, job=jobs[0] if len(jobs) == 1 else None)
+    if latest is None:
+        last = "no run recorded yet"
+        if max_since_last_run.crit is not None:
+            code = CRITICAL
+            problems.append("CRITICAL: no run recorded yet")
+    else:
+        since = max((now - latest.started_at).total_seconds(), 0.0)
+        last = f"last run {format_duration(since)} ago ({latest.outcome})"
+        judge(max_since_last_run, since, lambda: f"last run started {format_duration(since)} ago")
+        perfdata.append(f"since_last_run={max_since_last_run.perf(round(since), 's')}")
+    summary = f"{len(chosen)} job(s): {pending_total} pending, {dead_total} dead, {last}"
+    return CheckResult(code=code, summary=summary, problems=problems, perfdata=perfdata)

@@ -20,6 +20,7 @@ from sqlalchemy.types import NullType
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from batchjobs.claim import row_key_sql
 from batchjobs.db import ensure_schema, prepare
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import clear_failures, utcnow
@@ -133,7 +134,7 @@ def apply(
     """
     if chunk_size < 1:
         raise BatchJobsError(f"chunk size must be at least 1, got {chunk_size}")
-    dialect = prepare(engine)
+    engine, dialect = prepare(engine)
     ensure_schema(engine)
     bind = dialect.claiming(engine)
     chosen = selection.clause(job)
@@ -142,7 +143,7 @@ def apply(
     cursor: Any = None
     while True:
         changes, values = _plan(job, action, utcnow())
-        walk = select(pk).where(chosen).order_by(pk).limit(chunk_size)
+        walk = select(pk, row_key_sql(job)).where(chosen).order_by(pk).limit(chunk_size)
         if action == "mark-done":
             # Only pending rows can change; this rides the partial pending index.
             walk = walk.where(changes)
@@ -152,11 +153,12 @@ def apply(
             try:
                 with Session(bind) as session, session.begin():
                     dialect.limit_lock_wait(session, lock_timeout)
-                    keys = list(session.scalars(walk))
-                    if not keys:
+                    rows = session.execute(walk).all()
+                    if not rows:
                         return result
+                    keys = [key for key, _ in rows]
                     changed = session.execute(update(job.table).where(pk.in_(keys), changes).values(values))
-                    cleared = clear_failures(session, job, [str(key) for key in keys])
+                    cleared = clear_failures(session, job, [row_key for _, row_key in rows])
                 break
             except DBAPIError as exc:
                 if not dialect.is_lock_timeout(exc):

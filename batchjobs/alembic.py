@@ -59,3 +59,12 @@ def add_flag_column(
             op.create_index(name, table, primary_key, postgresql_where=pending, postgresql_concurrently=True)
     else:
         op.create_index(name, table, primary_key, sqlite_where=pending)
+
+
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    """For ``context.configure(include_name=...)`` in the app's alembic ``env.py``.
+
+    batchjobs' own tables live in the app's database but not in its models, so autogenerate
+    would otherwise propose dropping them. This hides them (and batchjobs' version table).
+    """
+    return not (type_ == "table" and name is not None and name.startswith("batchjobs_"))

@@ -73,7 +73,7 @@ def run_backfill(
     (rows in the chunk, total rows expected, counted once at the start).
     """
     backfill = registry.get_backfill(name)
-    dialect = prepare(engine)
+    engine, dialect = prepare(engine)
     ensure_schema(engine)
     bind = dialect.claiming(engine)
     stop = stop if stop is not None else StopRequest()
@@ -143,7 +143,7 @@ def dry_run_backfill(registry: Registry, engine: Engine, name: str, restart: boo
     anything the function runs itself), using the rows each statement reported.
     """
     backfill = registry.get_backfill(name)
-    prepare(engine)
+    engine, _ = prepare(engine)
     ensure_schema(engine)
     changes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 

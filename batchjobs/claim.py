@@ -26,6 +26,10 @@ def _held_back(now: datetime, run_started: datetime) -> Any:
 def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: datetime, limit: int) -> Any:
     """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
 
+    Rows come as (model instance, row key). The key is computed by the database, the same
+    expression the failure lookups use, so both agree for every key type (a UUID is text with
+    hyphens on PostgreSQL, 32 hex digits on SQLite).
+
     The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
     anti-join, and a hash anti-join loses the index order, so with stale statistics it would
     sort every pending row on every claim. A scalar subquery is looked up per row through the
@@ -34,7 +38,14 @@ def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: 
     """
     of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
     held_back = select(literal(1)).where(of_this_row, _held_back(now, run_started)).limit(1).scalar_subquery()
-    stmt = select(job.model).where(job.pending(), held_back.is_(None)).order_by(job.primary_key).limit(limit)
+    stmt = (
+        # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
+        # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
+        select(job.model, row_key_sql(job).label("batchjobs_row_key"))
+        .where(job.pending(), held_back.is_(None))
+        .order_by(job.primary_key)
+        .limit(limit)
+    )
     return dialect.lock_for_claim(stmt, job.table)
 
 

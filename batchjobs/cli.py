@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,22 @@ from batchjobs.registry import Registry, load_registry
 
 class _Group(click.Group):
     """Turns errors a user can fix into one line on stderr and exit status 1, never a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        # Click prints usage errors over several lines; batchjobs keeps every error to one.
+        try:
+            result = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx else "batchjobs"
+            click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -214,6 +231,7 @@ def migrate_command(state: _State) -> None:
 
 
 @main.command("demo")
+@click.option("--database-url", "demo_url", metavar="URL", help="Database for the demo. Default: a SQLite file here.")
 @click.option("--signups", type=click.IntRange(min=1), default=300, show_default=True, help="Users to sign up.")
 @click.option(
     "--outbox",
@@ -223,33 +241,40 @@ def migrate_command(state: _State) -> None:
     help="Where emails are written when $SMTP_URL is not set.",
 )
 @click.pass_obj
-def demo_command(state: _State, signups: int, outbox: Path) -> None:
+def demo_command(state: _State, demo_url: str | None, signups: int, outbox: Path) -> None:
     """Run the welcome-email example end to end.
 
-    Uses a SQLite file in the current directory unless --database-url (or
-    $BATCHJOBS_DATABASE_URL) is given. Emails go to $SMTP_URL (smtp://host:port)
-    when set, otherwise to .eml files in --outbox.
+    Uses a SQLite file in the current directory unless --database-url is given
+    (before or after `demo`). It creates a `users` table there and signs up
+    fake users, so point it at a scratch database, never at your app's.
+    Emails go to $SMTP_URL (smtp://host:port) when set, otherwise to .eml
+    files in --outbox.
     """
     from batchjobs.demo import APP, DEFAULT_DATABASE_URL, run_demo
 
-    url = state.database_url or os.environ.get("BATCHJOBS_DATABASE_URL")
+    url = demo_url or state.database_url
     report = run_demo(url, signups=signups, outbox=outbox)
-    sent = report.first_run.done
     click.echo(f"batchjobs demo on {report.database}")
     click.echo(f"  batchjobs tables at revision {report.revision}")
     click.echo(f"  {report.signups} users signed up; {report.unconfirmed} have not confirmed their email yet")
     click.echo(f"  run-pending: {report.first_run.line()}")
-    click.echo(f"  {sent} welcome emails delivered to {report.delivered_to}")
+    click.echo(f"  {report.first_run.done} welcome emails delivered to {report.delivered_to}")
+    if report.first_run.failed:
+        click.echo(f"  {report.first_run.failed} deliveries failed and will be retried with backoff: see `failures` below")
     click.echo(
-        f"  {report.still_pending} users stay pending until they confirm their email "
-        "(the job's where= filter skips them)"
+        f"  {report.waiting} users wait for their email confirmation (the job's where= filter skips them until then)"
     )
     click.echo(f"  a second run-pending found {report.second_run.done} rows to do: each user is emailed once")
     click.echo("")
     click.echo("Try the commands cron and operators use:")
-    shown_url = url or DEFAULT_DATABASE_URL
-    click.echo(f"  batchjobs -A {APP} --database-url {shown_url} jobs")
-    click.echo(f"  batchjobs -A {APP} --database-url {shown_url} run-pending --max-runtime 55s")
+    if url is None:
+        where = f" --database-url {DEFAULT_DATABASE_URL}"
+    else:
+        # The URL may hold a password: it is not printed, the commands read it from the environment.
+        click.echo("  export BATCHJOBS_DATABASE_URL=...   # the URL you gave the demo")
+        where = ""
+    for command in ("status", "failures", "run-pending --max-runtime 55s"):
+        click.echo(f"  batchjobs -A {APP}{where} {command}")
 
 
 def _age(seconds: float) -> str:
@@ -323,7 +348,12 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
     registry = state.registry()
     with state.connect() as connection:
         failure = failures_api.show_failure(connection, registry, job, key)
-    state_line = "dead" if failure.dead else f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
+    if failure.dead:
+        state_line = "dead"
+    elif failure.next_attempt_at is None:
+        state_line = "tried again on the next run"
+    else:
+        state_line = f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
     click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s), {state_line}")
     click.echo(f"first failed {failure.first_failed_at:%Y-%m-%d %H:%M:%S} UTC, last {failure.last_failed_at:%Y-%m-%d %H:%M:%S} UTC")
     click.echo("")
@@ -337,7 +367,13 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
     help="Python of the virtualenv batchjobs is installed in; runs `PATH -m batchjobs`. "
     "Default: the `batchjobs` command, which must be on cron's PATH.",
 )
-@click.option("--workdir", metavar="DIR", help="Directory each run starts in, so your app imports.")
+@click.option(
+    "--workdir",
+    metavar="DIR",
+    default=os.getcwd,
+    show_default="the current directory",
+    help="Directory each run starts in, so your app imports (-A resolves from there).",
+)
 @click.option("--log", metavar="FILE", help="Append output to this file instead of having cron mail it.")
 @click.option("--format", "fmt", type=click.Choice(["cron", "systemd"]), default="cron", show_default=True)
 @click.pass_obj

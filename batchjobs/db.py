@@ -32,8 +32,13 @@ def parse_url(url: str | URL) -> URL:
     """Parse a URL; plain ``postgresql://`` and ``postgres://`` use psycopg 3, which batchjobs ships with."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise BatchJobsError(f"not a database URL: {mask_url(str(url))!r}") from None
+        parsed.port  # noqa: B018 - a non-numeric port only fails when read
+    except (ArgumentError, ValueError):
+        raise BatchJobsError(f"not a valid database URL: {mask_url(str(url))!r}") from None
+    if parsed.host and "@" in parsed.host:
+        raise BatchJobsError(
+            f"not a valid database URL: {mask_url(str(url))!r} (write an @ in the password as %40)"
+        )
     if parsed.drivername in ("postgres", "postgresql"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
@@ -42,15 +47,20 @@ def parse_url(url: str | URL) -> URL:
 def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***``, safe for logs and error messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        # Not parseable: hide anything between "://user:" and "@".
-        raw = str(url)
-        scheme, sep, rest = raw.partition("://")
-        credentials, at, host = rest.rpartition("@")
-        if sep and at and ":" in credentials:
-            return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-        return raw
+        parsed = make_url(url)
+        if parsed.host is None or "@" not in parsed.host:
+            return parsed.render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        pass
+    # Not parseable, or an unescaped "@" in the password: hide all the credentials.
+    raw = str(url)
+    scheme, sep, rest = raw.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if sep and at:
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    if "@" in raw:  # a mistyped scheme: everything before the host may be credentials
+        return "***@" + raw.rpartition("@")[2]
+    return raw
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> Engine:
@@ -58,24 +68,26 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     parsed = parse_url(url)
     try:
         engine = sqlalchemy.create_engine(parsed, **kwargs)
-    except (ArgumentError, ImportError) as exc:
+    except (ArgumentError, ImportError, ValueError) as exc:
         raise BatchJobsError(f"cannot use database URL {mask_url(parsed)!r}: {exc}") from None
     dialect = dialect_for(engine)
     dialect.configure_engine(engine)
-    setattr(engine, _PREPARED, dialect)
+    setattr(engine, _PREPARED, (engine, dialect))
     return engine
 
 
-def prepare(engine: Engine) -> Dialect:
-    """The dialect of an engine, setting it up first if the app created the engine itself."""
-    dialect: Dialect | None = getattr(engine, _PREPARED, None)
-    if dialect is None:
+def prepare(engine: Engine) -> tuple[Engine, Dialect]:
+    """The engine batchjobs works through, and its dialect, for any engine it is handed.
+
+    Engines from :func:`create_engine` are used as they are; for an engine the app created, the
+    dialect decides (SQLite gets an engine of its own, so the app's engine is never changed).
+    """
+    prepared: tuple[Engine, Dialect] | None = getattr(engine, _PREPARED, None)
+    if prepared is None:
         dialect = dialect_for(engine)
-        dialect.configure_engine(engine)
-        # Connections already pooled were made without batchjobs' settings.
-        engine.dispose()
-        setattr(engine, _PREPARED, dialect)
-    return dialect
+        prepared = (dialect.adopt(engine), dialect)
+        setattr(engine, _PREPARED, prepared)
+    return prepared
 
 
 def connect(engine: Engine) -> Connection:
@@ -88,7 +100,8 @@ def connect(engine: Engine) -> Connection:
 
 def first_line(exc: DBAPIError, url: URL | None = None) -> str:
     """The driver's own message, first line only, never with a password in it."""
-    message = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+    lines = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+    message = lines[0] if lines else type(exc.orig or exc).__name__
     if url is not None and url.password:
         message = message.replace(str(url.password), "***")
     return message

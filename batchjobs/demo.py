@@ -25,7 +25,7 @@ class DemoReport:
     unconfirmed: int
     first_run: RunSummary
     second_run: RunSummary
-    still_pending: int
+    waiting: int
     delivered_to: str
 
 
@@ -58,7 +58,9 @@ def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path =
         first = run_pending(jobs, engine)
         second = run_pending(jobs, engine)
         with Session(engine) as session:
-            still_pending = session.scalar(select(func.count()).select_from(User).where(User.welcome_email_sent.is_(False))) or 0
+            waiting = session.scalar(
+                select(func.count()).where(User.welcome_email_sent.is_(False), User.email_confirmed.is_(False))
+            )
     finally:
         engine.dispose()
     return DemoReport(
@@ -68,6 +70,6 @@ def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path =
         unconfirmed=sum(1 for n in range(first_id, first_id + signups) if n % 10 == 0),
         first_run=first,
         second_run=second,
-        still_pending=still_pending,
+        waiting=waiting or 0,
         delivered_to=mask_url(os.environ["SMTP_URL"]) if os.environ.get("SMTP_URL") else os.environ["OUTBOX_DIR"],
     )

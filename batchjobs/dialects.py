@@ -32,6 +32,10 @@ class Dialect:
     def configure_engine(self, engine: Engine) -> None:
         """Install connection-level settings on an engine batchjobs created."""
 
+    def adopt(self, engine: Engine) -> Engine:
+        """An engine batchjobs can use for the database of an engine the app created itself."""
+        return engine
+
     def claiming(self, engine: Engine) -> Engine:
         """The engine to open claiming transactions on."""
         return engine
@@ -51,9 +55,25 @@ class Dialect:
         """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
         return False
 
+    def in_failed_transaction(self, dbapi_connection: Any) -> bool:
+        """Whether a statement failed and the transaction refuses more until rolled back."""
+        return False
+
+    def cancel_running_statement(self, dbapi_connection: Any) -> bool:
+        """From a signal handler: cancel the statement the driver is waiting on, if there is one.
+
+        Returns False when no statement is in flight, so raising in Python code is safe.
+        """
+        return False
+
 
 class PostgreSQL(Dialect):
     name = "postgresql"
+
+    def claiming(self, engine: Engine) -> Engine:
+        # SKIP LOCKED and the failure re-check after locking rely on each statement seeing what
+        # committed before it; a database defaulting to REPEATABLE READ would break both.
+        return engine.execution_options(isolation_level="READ COMMITTED")
 
     def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
         # key_share=True renders FOR NO KEY UPDATE: foreign-key inserts pointing at the row go on.
@@ -67,6 +87,22 @@ class PostgreSQL(Dialect):
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available
+
+    def in_failed_transaction(self, dbapi_connection: Any) -> bool:
+        from psycopg import pq
+
+        return bool(dbapi_connection.pgconn.transaction_status == pq.TransactionStatus.INERROR)
+
+    def cancel_running_statement(self, dbapi_connection: Any) -> bool:
+        # psycopg waits for results in Python, so an exception raised there would leave the
+        # connection mid-exchange. libpq's cancel request is made for signal handlers: the
+        # statement fails with QueryCanceled and the connection stays usable.
+        from psycopg import pq
+
+        if dbapi_connection.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            return False
+        dbapi_connection.cancel()
+        return True
 
 
 class SQLite(Dialect):
@@ -89,6 +125,18 @@ class SQLite(Dialect):
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_CLAIMS) else "BEGIN")
+
+    def adopt(self, engine: Engine) -> Engine:
+        # The app's engine may run its own BEGIN recipe; batchjobs gets an engine of its own on
+        # the same file. An in-memory database exists only in that engine, so it is used as is
+        # (no other process can see it, so there is nobody to take the write lock from).
+        if engine.url.database in (None, "", ":memory:") or "mode=memory" in str(engine.url):
+            return engine
+        from sqlalchemy import create_engine
+
+        adopted = create_engine(engine.url)
+        self.configure_engine(adopted)
+        return adopted
 
     def claiming(self, engine: Engine) -> Engine:
         return engine.execution_options(**{_CLAIMS: True})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from batchjobs.errors import BatchJobsError
@@ -19,14 +20,18 @@ def parse_duration(text: str) -> float:
     try:
         seconds = float(cleaned)
     except ValueError:
+        if cleaned.startswith("-"):
+            raise BatchJobsError(f"invalid duration {text!r}: it cannot be negative") from None
         parts = _PART.findall(cleaned)
         if not parts or "".join(number + unit for number, unit in parts) != cleaned:
             raise BatchJobsError(
                 f"invalid duration {text!r}: use a number with a unit, e.g. 30s, 10m, 1h30m, 250ms"
             ) from None
         seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-    if seconds < 0:
+    if seconds < 0 or cleaned.startswith("-"):
         raise BatchJobsError(f"invalid duration {text!r}: it cannot be negative")
+    if not math.isfinite(seconds):
+        raise BatchJobsError(f"invalid duration {text!r}: use a finite number, e.g. 30s")
     return seconds
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
-from sqlalchemy import Connection, case, delete, select
+from sqlalchemy import Connection, case, delete, func, select
 from sqlalchemy.orm import Session
 
 from batchjobs.errors import BatchJobsError
@@ -41,7 +41,8 @@ class Backoff:
     jitter: float = 0.2
 
     def __call__(self, attempt: int) -> float:
-        delay = min(self.cap, self.base * 2 ** (attempt - 1))
+        # The exponent is bounded first: 2**1100 would overflow a float long before the cap.
+        delay = min(self.cap, self.base * 2 ** min(attempt - 1, 60))
         return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
@@ -63,9 +64,18 @@ class RowFailure:
         return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
     @property
+    def message(self) -> str:
+        return _storable(str(self.error))[:TRACEBACK_LIMIT]
+
+    @property
     def traceback(self) -> str:
         text = "".join(traceback.format_exception(type(self.error), self.error, self.error.__traceback__))
-        return text[-TRACEBACK_LIMIT:]
+        return _storable(text)[-TRACEBACK_LIMIT:]
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL; a message that cannot be stored would lose the chunk.
+    return text.replace("\x00", "\\x00")
 
 
 def record_failures(
@@ -78,8 +88,10 @@ def record_failures(
     insert = dialect.insert(table)
     values = []
     for failure in failures:
-        attempt = failure.attempts_before + 1
-        dead = attempt >= job.max_attempts
+        # The inserted values are those of a first failure; when a record exists already, the
+        # update below counts on from it, and uses this wait for the attempt the claim saw.
+        first_is_last = job.max_attempts <= 1
+        wait = timedelta(seconds=job.backoff(failure.attempts_before + 1))
         values.append(
             {
                 "job": job.name,
@@ -87,10 +99,10 @@ def record_failures(
                 "attempts": 1,
                 "first_failed_at": now,
                 "last_failed_at": now,
-                "next_attempt_at": None if dead else now + timedelta(seconds=job.backoff(attempt)),
-                "dead": job.max_attempts <= 1,
-                "error_type": failure.error_type,
-                "error_message": str(failure.error),
+                "next_attempt_at": None if first_is_last else now + wait,
+                "dead": first_is_last,
+                "error_type": failure.error_type[:200],
+                "error_message": failure.message,
                 "traceback": failure.traceback,
             }
         )
@@ -104,7 +116,7 @@ def record_failures(
             "attempts": attempts,
             "last_failed_at": insert.excluded.last_failed_at,
             "dead": now_dead,
-            "next_attempt_at": case((now_dead, None), else_=insert.excluded.next_attempt_at),
+            "next_attempt_at": case((now_dead, None), else_=func.coalesce(insert.excluded.next_attempt_at, now)),
             "error_type": insert.excluded.error_type,
             "error_message": insert.excluded.error_message,
             "traceback": insert.excluded.traceback,
@@ -151,13 +163,22 @@ class FailureInfo:
         }
 
 
+def _job_name(connection: Connection, registry: Registry, job: str) -> str:
+    """A registered job, or one that is not (renamed, removed) but still has failure records."""
+    if job in registry.jobs:
+        return job
+    if connection.scalar(select(Failure.job).where(Failure.job == job).limit(1)) is not None:
+        return job
+    return registry.job(job).name  # raises the "unknown job" error
+
+
 def list_failures(
     connection: Connection, registry: Registry, job: str | None = None, dead_only: bool = False
 ) -> list[FailureInfo]:
     """Failing and dead rows, oldest failure first; one job's when ``job`` is given."""
     stmt = select(Failure).order_by(Failure.job, Failure.first_failed_at, Failure.row_key)
     if job is not None:
-        stmt = stmt.where(Failure.job == registry.job(job).name)
+        stmt = stmt.where(Failure.job == _job_name(connection, registry, job))
     if dead_only:
         stmt = stmt.where(Failure.dead.is_(True))
     with Session(connection) as session:
@@ -179,7 +200,7 @@ def list_failures(
 
 def show_failure(connection: Connection, registry: Registry, job: str, row_key: str) -> Failure:
     """The full failure record of one row, traceback included."""
-    name = registry.job(job).name
+    name = _job_name(connection, registry, job)
     with Session(connection, expire_on_commit=False) as session:
         failure = session.get(Failure, (name, row_key))
         if failure is None:
@@ -201,22 +222,16 @@ def retry(
     Exactly one selection: ``row_keys``, ``all_dead`` or ``everything``. Naming a row that has no
     failure record is an error and clears nothing.
     """
-    flag_job = registry.job(job)
+    name = _job_name(connection, registry, job)
     if sum((bool(row_keys), all_dead, everything)) != 1:
-        raise BatchJobsError("choose exactly one of: row keys, all dead rows, or all failing rows")
-    stmt = delete(Failure).where(Failure.job == flag_job.name)
+        raise BatchJobsError("choose exactly one of --row KEY, --all-dead or --all")
+    stmt = delete(Failure).where(Failure.job == name)
     if row_keys:
         keys = list(dict.fromkeys(row_keys))
-        found = set(
-            connection.scalars(
-                select(Failure.row_key).where(Failure.job == flag_job.name, Failure.row_key.in_(keys))
-            )
-        )
+        found = set(connection.scalars(select(Failure.row_key).where(Failure.job == name, Failure.row_key.in_(keys))))
         missing = [key for key in keys if key not in found]
         if missing:
-            raise BatchJobsError(
-                f"job {flag_job.name!r} has no failure recorded for row(s) {', '.join(missing)}; nothing retried"
-            )
+            raise BatchJobsError(f"job {name!r} has no failure recorded for row(s) {', '.join(missing)}; nothing retried")
         stmt = stmt.where(Failure.row_key.in_(keys))
     elif all_dead:
         stmt = stmt.where(Failure.dead.is_(True))

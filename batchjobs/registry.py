@@ -60,6 +60,11 @@ def pending_condition(flag: Column[Any]) -> ColumnElement[bool]:
     the partial index (SQLite only uses a partial index whose WHERE appears verbatim in the query).
     """
     if isinstance(flag.type, Boolean):
+        if flag.nullable:
+            # NULL would be neither pending nor done: such rows would silently never run.
+            raise BatchJobsError(
+                f"Boolean flag column {flag.table.name}.{flag.name} must be NOT NULL; declare it with flag_column()"
+            )
         return flag == false()
     if isinstance(flag.type, DateTime):
         return flag.is_(None)
@@ -247,6 +252,17 @@ class Registry:
             raise BatchJobsError(
                 f"{model.__name__} has a composite primary key ({keys}); batchjobs needs a single-column key"
             )
+        if where is not None:
+            # Another table in where= would join into the claim and could return a row twice.
+            others = {getattr(t, "name", str(t)) for t in where._from_objects} - {column.table.name}
+            if others:
+                raise BatchJobsError(
+                    f"where= may only use columns of {column.table.name}, not of {', '.join(sorted(others))}; "
+                    "use an EXISTS subquery for other tables"
+                )
+        for name_, extra in (("done_at", done_at), ("pending_since", pending_since)):
+            if extra is not None and not isinstance(_column(extra).type, DateTime):
+                raise BatchJobsError(f"{name_}= must be a DateTime column, not {_column(extra).type}")
         if batch_size < 1:
             raise BatchJobsError(f"batch_size must be at least 1, got {batch_size}")
         if max_attempts < 1:
@@ -353,6 +369,7 @@ def load_registry(spec: str) -> Registry:
     import importlib
     import os
     import sys
+    import traceback
 
     module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
@@ -360,7 +377,9 @@ def load_registry(spec: str) -> Registry:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any error in the app's import is reported the same way
-        raise BatchJobsError(f"cannot import app {module_name!r}: {type(exc).__name__}: {exc}") from None
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(exc, ImportError) else ""
+        raise BatchJobsError(f"cannot import app {module_name!r}: {type(exc).__name__}: {exc}{where}") from None
     if attribute:
         try:
             registry = getattr(module, attribute)

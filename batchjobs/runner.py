@@ -29,6 +29,7 @@ from batchjobs.claim import claim_statement, failure_states, mark_done
 from batchjobs.db import ensure_schema, prepare
 from batchjobs.dialects import Dialect
 from batchjobs.durations import format_duration
+from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure, clear_failures, record_failures, utcnow
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry
@@ -36,8 +37,38 @@ from batchjobs.registry import FlagJob, JobContext, Registry
 logger = logging.getLogger("batchjobs")
 
 
-class JobTimeout(Exception):
-    """A handler ran longer than its job's ``timeout``."""
+class JobTimeout(BaseException):
+    """A handler ran longer than its job's ``timeout``.
+
+    A BaseException, like KeyboardInterrupt, so that a handler's ``except Exception`` cannot
+    swallow it and carry on; ``finally`` blocks still run.
+    """
+
+
+class _ChunkSession(Session):
+    """The chunk's session, as handlers see it through ``ctx.session``.
+
+    Committing, rolling back or closing it inside a handler would release the chunk's row locks
+    (another run could take the same rows) or undo rows already handled, so it is refused.
+    """
+
+    in_handler = False
+
+    def _refuse(self, what: str) -> None:
+        if self.in_handler:
+            raise BatchJobsError(f"handlers must not {what} the session: batchjobs commits the chunk itself")
+
+    def commit(self) -> None:
+        self._refuse("commit")
+        super().commit()
+
+    def rollback(self) -> None:
+        self._refuse("roll back")
+        super().rollback()
+
+    def close(self) -> None:
+        self._refuse("close")
+        super().close()
 
 
 class StopRequest:
@@ -107,10 +138,8 @@ class RunSummary:
             if s.done or s.failed
         )
         stopped = f", stopped by {self.stopped_by}" if self.stopped_by else ""
-        return (
-            f"batchjobs: {self.done} done, {self.failed} failed in {format_duration(self.seconds)}"
-            f"{stopped} ({per_job})"
-        )
+        details = f" ({per_job})" if per_job else ""
+        return f"batchjobs: {self.done} done, {self.failed} failed in {format_duration(self.seconds)}{stopped}{details}"
 
 
 def run_pending(
@@ -133,7 +162,7 @@ def run_pending(
     With ``record`` the run is kept in batchjobs' run history (see :mod:`batchjobs.history`).
     """
     selected = registry.select(jobs=jobs, queues=queues)
-    dialect = prepare(engine)
+    engine, dialect = prepare(engine)
     ensure_schema(engine)
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
@@ -175,27 +204,27 @@ class _Run:
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         pk_attr = job.primary_key_attr
-        with Session(self.bind, expire_on_commit=False, autoflush=False) as session:
+        with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
             now = self.clock()
-            claimed = session.scalars(claim_statement(job, self.dialect, now, self.run_started, limit)).all()
+            claimed = session.execute(claim_statement(job, self.dialect, now, self.run_started, limit)).all()
             if not claimed:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
-            keys = [getattr(row, pk_attr) for row in claimed]
-            states = failure_states(session, job, [str(key) for key in keys], now, self.run_started)
-            attempts = {key: count for key, (count, _) in states.items()}
-            held_back = {key for key, (_, held) in states.items() if held}
+            pks = {row_key: getattr(row, pk_attr) for row, row_key in claimed}
+            states = failure_states(session, job, list(pks), now, self.run_started)
+            attempts = {row_key: count for row_key, (count, _) in states.items()}
+            held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
-            work = [(key, row) for key, row in zip(keys, claimed) if str(key) not in held_back]
+            work = [(row_key, row) for row, row_key in claimed if row_key not in held_back]
             ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
-            done: list[Any] = []
+            done: list[str] = []
             failures: list[RowFailure] = []
             if job.batch:
                 error = self._call(job, session, [row for _, row in work], ctx) if work else None
                 if error is None:
                     done = [key for key, _ in work]
                 else:
-                    failures = [RowFailure(str(key), attempts.get(str(key), 0), error) for key, _ in work]
+                    failures = [RowFailure(key, attempts.get(key, 0), error) for key, _ in work]
             else:
                 chunk_started = time.monotonic()
                 for index, (key, row) in enumerate(work):
@@ -208,29 +237,49 @@ class _Run:
                     if error is None:
                         done.append(key)
                     else:
-                        failures.append(RowFailure(str(key), attempts.get(str(key), 0), error))
+                        failures.append(RowFailure(key, attempts.get(key, 0), error))
                     if self.verbose:
                         _log_row(job, key, time.monotonic() - row_started, error)
             now = self.clock()
-            mark_done(session, job, done, now)
-            clear_failures(session, job, [str(key) for key in done if str(key) in states])
+            mark_done(session, job, [pks[key] for key in done], now)
+            clear_failures(session, job, [key for key in done if key in states])
             record_failures(session, self.dialect, job, failures, now)
-            for failure in failures:
-                self._report(job, failure)
             session.commit()
+        # Reported after the commit, so a hook never announces a failure that was not recorded.
+        for failure in failures:
+            self._report(job, failure)
         stats.done += len(done)
         stats.failed += len(failures)
         return len(claimed)
 
-    def _call(self, job: FlagJob, session: Session, rows: Any, ctx: JobContext) -> BaseException | None:
+    def _call(self, job: FlagJob, session: _ChunkSession, rows: Any, ctx: JobContext) -> BaseException | None:
         """Run the handler in a lazily-emitted savepoint; return the exception it raised, if any."""
+        # The chunk's connection exists already (the claim ran on it); asking for it emits nothing.
+        dbapi_connection = session.connection().connection.dbapi_connection
+        limit = _TimeLimit(job.timeout, self.dialect, dbapi_connection) if job.timeout else None
+        savepoint = session.begin_nested()
         try:
-            with session.begin_nested():
-                with _time_limit(job.timeout):
+            session.in_handler = True
+            try:
+                if limit is None:
                     job.call(rows, ctx)
-                session.flush()
-        except Exception as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
-            return exc
+                else:
+                    with limit:
+                        job.call(rows, ctx)
+            finally:
+                session.in_handler = False
+            session.flush()
+            if self.dialect.in_failed_transaction(dbapi_connection):
+                # The handler caught a database error and carried on; PostgreSQL refuses all
+                # further statements until the savepoint is rolled back, so this row failed.
+                raise BatchJobsError("the handler went on after a database error; its changes were rolled back")
+            savepoint.commit()
+        except (JobTimeout, Exception) as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
+            savepoint.rollback()
+            # A statement cancelled by the time limit surfaces as a driver error: call it a timeout.
+            return limit.error() if limit is not None and limit.expired else exc
+        if limit is not None and limit.expired:
+            return limit.error()  # the handler swallowed the cancelled statement's error
         return None
 
     def _report(self, job: FlagJob, failure: RowFailure) -> None:
@@ -265,27 +314,43 @@ def _log_row(job: FlagJob, key: Any, seconds: float, error: BaseException | None
     )
 
 
-@contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
-    """Interrupt the block with :class:`JobTimeout` after ``seconds``, using SIGALRM.
+class _TimeLimit:
+    """A handler's ``timeout``, enforced with SIGALRM in the main thread.
 
-    Only possible in the main thread; elsewhere the limit is not enforced and a warning is logged.
+    When the alarm goes off in Python code, :class:`JobTimeout` is raised there. When it goes off
+    while the PostgreSQL driver waits for a statement, raising would leave the connection in the
+    middle of a protocol exchange and lose the whole chunk; instead the statement is cancelled
+    on the server, it fails with a driver error, the row's savepoint is rolled back as for any
+    failure, and the row is recorded as timed out.
     """
-    if not seconds:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        logger.warning("job timeouts are only enforced in the main thread")
-        yield
-        return
 
-    def expire(_signum: int, _frame: FrameType | None) -> None:
-        raise JobTimeout(f"handler ran longer than its timeout of {format_duration(seconds)}")
+    _warned = False
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    def __init__(self, seconds: float, dialect: Dialect, dbapi_connection: Any) -> None:
+        self.seconds = seconds
+        self.dialect = dialect
+        self.dbapi_connection = dbapi_connection
+        self.expired = False
+        self._previous: Any = None
+
+    def error(self) -> JobTimeout:
+        return JobTimeout(f"handler ran longer than its timeout of {format_duration(self.seconds)}")
+
+    def _expire(self, _signum: int, _frame: FrameType | None) -> None:
+        self.expired = True
+        if not self.dialect.cancel_running_statement(self.dbapi_connection):
+            raise self.error()
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            if not _TimeLimit._warned:
+                logger.warning("job timeouts are only enforced in the main thread")
+                _TimeLimit._warned = True
+            return
+        self._previous = signal.signal(signal.SIGALRM, self._expire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)

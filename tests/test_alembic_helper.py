@@ -73,3 +73,23 @@ def test_add_flag_column_on_a_table_with_rows(db_url: str, tmp_path: Path, exist
             ddl = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ix_users_welcome_email_sent_pending'")).scalar()
             assert ddl.endswith("WHERE welcome_email_sent = 0")
     engine.dispose()
+
+
+def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    import jobapp
+    from batchjobs.alembic import include_name
+    from batchjobs.migrate import migrate
+
+    engine = create_engine(db_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    with engine.connect() as conn:
+        unfiltered = compare_metadata(MigrationContext.configure(conn), jobapp.Base.metadata)
+        filtered = compare_metadata(MigrationContext.configure(conn, opts={"include_name": include_name}), jobapp.Base.metadata)
+    engine.dispose()
+    dropped = {diff[1].name for diff in unfiltered if diff[0] == "remove_table"}
+    assert {"batchjobs_failures", "batchjobs_alembic_version"} <= dropped
+    assert filtered == []

@@ -23,23 +23,48 @@ def test_demo_writes_welcome_emails_to_the_outbox(tmp_path: Path) -> None:
     message = email.message_from_bytes(emails[0].read_bytes())
     assert message["From"] == "welcome@example.com" and message["Subject"].startswith("Welcome aboard")
     assert "45 welcome emails delivered" in result.stdout
-    assert "5 users stay pending" in result.stdout
+    assert "5 users wait for their email confirmation" in result.stdout
     assert "a second run-pending found 0 rows" in result.stdout
 
     # The commands the demo suggests work as printed.
     suggested = [line.split()[1:] for line in result.stdout.splitlines() if line.strip().startswith("batchjobs -A")]
-    assert len(suggested) == 2
-    listing = run_cli(*suggested[0], cwd=tmp_path)
-    assert listing.returncode == 0 and re.search(r"send_welcome_email\s+User\s+users.welcome_email_sent\s+mail\s+0", listing.stdout)
-    idle = run_cli(*suggested[1], cwd=tmp_path)
+    assert [args[-1] for args in suggested][:2] == ["status", "failures"]
+    overview = run_cli(*suggested[0], cwd=tmp_path)
+    assert overview.returncode == 0, overview.stderr
+    # Nothing pending, nothing failing, 45 done in the last hour (from the run history).
+    assert re.search(r"send_welcome_email\s+mail\s+0\s+-\s+0\s+0\s+45\n", overview.stdout), overview.stdout
+    assert run_cli(*suggested[1], cwd=tmp_path).stdout.strip() == "no failing rows"
+    idle = run_cli(*suggested[2], cwd=tmp_path)
     assert (idle.returncode, idle.stdout, idle.stderr) == (0, "", "")
 
 
-def test_demo_on_postgresql(pg_url: str, tmp_path: Path) -> None:
-    result = run_cli("--database-url", pg_url, "demo", "--signups", "20", cwd=tmp_path)
+def test_demo_on_postgresql_never_prints_the_password(pg_url: str, tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    # The server trusts local connections, so any password works, and none may be printed.
+    url = make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)
+    result = run_cli("demo", "--database-url", url, "--signups", "20", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "outbox").glob("*.eml"))) == 18
     assert not (tmp_path / "batchjobs-demo.sqlite3").exists()
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "export BATCHJOBS_DATABASE_URL=" in result.stdout
+    # The environment variable is not the demo's: it must never aim the demo at an app's database.
+    elsewhere = run_cli("demo", "--signups", "5", cwd=tmp_path, env=cli_env(BATCHJOBS_DATABASE_URL=url))
+    assert elsewhere.returncode == 0 and (tmp_path / "batchjobs-demo.sqlite3").exists()
+
+
+def test_demo_reports_failed_deliveries(tmp_path: Path) -> None:
+    import socket as sock
+
+    with sock.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("demo", "--signups", "10", cwd=tmp_path, env=cli_env(SMTP_URL=f"smtp://127.0.0.1:{port}"))
+    assert result.returncode == 0
+    assert "0 welcome emails delivered" in result.stdout
+    assert "9 deliveries failed and will be retried with backoff" in result.stdout
+    assert "ConnectionRefusedError" in result.stderr
 
 
 @pytest.fixture

@@ -1,0 +1,241 @@
+"""Edge cases found by review: timeouts in database calls, odd keys, misuse, odd engines and URLs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy import Boolean, DateTime, Engine, String, Uuid, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import jobapp
+from batchjobs import BatchJobsError, Registry, flag_column, run_pending
+from batchjobs.durations import parse_duration
+from batchjobs.failures import retry
+from batchjobs.migrate import migrate
+from batchjobs.schema import Failure
+from conftest import run_cli
+from test_run_pending import add_items, processed
+
+
+def _failure(engine: Engine, job: str, key: str) -> Failure | None:
+    with Session(engine) as session:
+        return session.get(Failure, (job, key))
+
+
+def test_timeout_during_a_database_call_cancels_only_that_row(pg_url: str, tmp_path: Path) -> None:
+    from batchjobs.db import create_engine
+
+    engine = create_engine(pg_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    registry = Registry()
+    calls: list[int] = []
+
+    @registry.flag_job(jobapp.Item.processed, timeout=0.5)
+    def slow_query(item: jobapp.Item, ctx: object) -> None:
+        calls.append(item.id)
+        if item.id == 2:
+            ctx.session.execute(text("SELECT pg_sleep(30)"))  # type: ignore[attr-defined]
+        if item.id == 4:
+            try:
+                ctx.session.execute(text("SELECT pg_sleep(30)"))  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - a handler that swallows the cancelled statement
+                pass
+
+    add_items(engine, 5)
+    started = time.monotonic()
+    summary = run_pending(registry, engine)
+    assert time.monotonic() - started < 20  # the sleeps were cancelled, not waited out
+    assert (summary.done, summary.failed) == (3, 2)
+    assert calls == [1, 2, 3, 4, 5]  # no row ran twice: the chunk was not lost
+    for key in ("2", "4"):
+        failure = _failure(engine, "slow_query", key)
+        assert failure is not None and failure.error_type == "batchjobs.runner.JobTimeout"
+    assert [k for k, done in processed(engine).items() if not done] == [2, 4]
+    engine.dispose()
+
+
+def test_a_handler_cannot_swallow_its_timeout(engine: Engine) -> None:
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed, timeout=0.2)
+    def stubborn(item: jobapp.Item) -> None:
+        for _ in range(3):
+            try:
+                time.sleep(10)
+            except Exception:  # noqa: BLE001 - JobTimeout is not an Exception
+                pass
+
+    add_items(engine, 1)
+    assert run_pending(registry, engine).failed == 1
+
+
+def test_handlers_may_not_commit_or_roll_back(engine: Engine) -> None:
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed)
+    def meddle(item: jobapp.Item, ctx: object) -> None:
+        if item.id == 2:
+            ctx.session.commit()  # type: ignore[attr-defined]
+        if item.id == 3:
+            ctx.session.rollback()  # type: ignore[attr-defined]
+
+    add_items(engine, 4)
+    summary = run_pending(registry, engine)
+    assert (summary.done, summary.failed) == (2, 2)
+    failure = _failure(engine, "meddle", "2")
+    assert failure is not None and "handlers must not commit the session" in failure.error_message
+    assert [k for k, done in processed(engine).items() if not done] == [2, 3]
+
+
+class UuidBase(DeclarativeBase):
+    pass
+
+
+class Upload(UuidBase):
+    __tablename__ = "uploads"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    scanned: Mapped[bool] = flag_column()
+
+
+def test_uuid_keys_with_a_failing_row(db_url: str) -> None:
+    from batchjobs.db import create_engine
+
+    engine = create_engine(db_url)
+    UuidBase.metadata.create_all(engine)
+    migrate(engine)
+    bad = uuid.uuid4()
+    registry = Registry()
+
+    @registry.flag_job(Upload.scanned)
+    def scan(upload: Upload) -> None:
+        if upload.id == bad:
+            raise ValueError("infected")
+
+    with Session(engine) as session, session.begin():
+        session.add_all([Upload(id=bad)] + [Upload(id=uuid.uuid4()) for _ in range(5)])
+    summary = run_pending(registry, engine, max_runtime=30)
+    assert (summary.done, summary.failed, summary.stopped_by) == (5, 1, None)
+    with engine.connect() as conn:
+        [key] = conn.scalars(select(Failure.row_key)).all()
+        assert retry(conn, registry, "scan", row_keys=[key]) == 1
+        conn.commit()
+    engine.dispose()
+
+
+def test_repeatable_read_database_default_is_overridden(pg_url: str, tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    from batchjobs.db import create_engine
+
+    name = make_url(pg_url).database
+    with sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT").connect() as conn:
+        conn.execute(text(f"ALTER DATABASE \"{name}\" SET default_transaction_isolation = 'repeatable read'"))
+    engine = create_engine(pg_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    add_items(engine, 3)
+    seen: list[str] = []
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed)
+    def check_level(item: jobapp.Item, ctx: object) -> None:
+        seen.append(ctx.session.execute(text("SHOW transaction_isolation")).scalar())  # type: ignore[attr-defined]
+
+    assert run_pending(registry, engine).done == 3
+    assert set(seen) == {"read committed"}
+    engine.dispose()
+
+
+def test_an_app_engine_is_used_without_being_changed(tmp_path: Path) -> None:
+    """An engine set up with SQLAlchemy's own SQLite BEGIN recipe, and an in-memory one."""
+    from sqlalchemy import event
+
+    recipe = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'app.sqlite3'}")
+
+    @event.listens_for(recipe, "connect")
+    def _connect(dbapi_connection: object, _record: object) -> None:
+        dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+
+    @event.listens_for(recipe, "begin")
+    def _begin(conn: sqlalchemy.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    memory = sqlalchemy.create_engine("sqlite://", poolclass=sqlalchemy.pool.StaticPool)
+    for engine in (recipe, memory):
+        jobapp.Base.metadata.create_all(engine)
+        migrate(engine)
+        add_items(engine, 3)
+        assert run_pending(jobapp.jobs, engine, jobs=["process_item"]).done == 3
+        with Session(engine) as session, session.begin():  # the app's engine still works as before
+            session.execute(text("UPDATE items SET note = 'app'"))
+        assert all(processed(engine).values())
+
+
+def test_error_text_with_a_nul_byte_is_recorded(engine: Engine) -> None:
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed)
+    def nul(item: jobapp.Item) -> None:
+        raise ValueError("bad byte \x00 here")
+
+    add_items(engine, 2)
+    assert run_pending(registry, engine).failed == 2
+    failure = _failure(engine, "nul", "1")
+    assert failure is not None and failure.error_message == "bad byte \\x00 here"
+
+
+class Loose(DeclarativeBase):
+    pass
+
+
+class Account(Loose):
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(100))
+    nullable_flag: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    created_at: Mapped[DateTime | None] = mapped_column(DateTime)
+    welcomed: Mapped[bool] = flag_column()
+
+
+def test_job_definitions_are_checked() -> None:
+    with pytest.raises(BatchJobsError, match="must be NOT NULL"):
+        Registry().flag_job(Account.nullable_flag)
+    with pytest.raises(BatchJobsError, match="done_at= must be a DateTime column"):
+        Registry().flag_job(Account.welcomed, done_at=Account.email)
+    with pytest.raises(BatchJobsError, match="where= may only use columns of accounts, not of items"):
+        Registry().flag_job(Account.welcomed, where=jobapp.Item.category == "a")
+    Registry().flag_job(Account.welcomed, where=Account.email.like("%@x"), pending_since=Account.created_at)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-5s"])
+def test_durations_must_be_finite_and_positive(value: str) -> None:
+    with pytest.raises(BatchJobsError, match="finite|negative"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:Sup3rS3cret@127.0.0.1:notaport/db",
+        "postgresql//app:Sup3rS3cret@127.0.0.1/db",
+        "postgresql://app:Sup3r@S3cret@127.0.0.1/db",
+    ],
+)
+def test_malformed_urls_are_one_line_without_the_password(url: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", url, "jobs")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "S3cret" not in result.stderr + result.stdout
+
+
+def test_usage_errors_are_one_line() -> None:
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "--batch-size", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        result.stderr.strip()
+    ] and "see 'batchjobs run-pending --help'" in result.stderr

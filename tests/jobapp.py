@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, ForeignKey, String, select
+from sqlalchemy import DateTime, ForeignKey, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from batchjobs import BackfillContext, JobContext, Registry, flag_column, pending_index
@@ -31,6 +31,7 @@ class Item(Base):
     note: Mapped[str | None] = mapped_column(String(100))
     processed: Mapped[bool] = flag_column()
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class ItemComment(Base):
@@ -118,7 +119,7 @@ def _handle(job: str, row_id: int) -> None:
 jobs = Registry()
 
 
-@jobs.flag_job(Item.processed, queue="items", batch_size=50, done_at=Item.processed_at)
+@jobs.flag_job(Item.processed, queue="items", batch_size=50, done_at=Item.processed_at, pending_since=Item.created_at)
 def process_item(item: Item, ctx: JobContext) -> None:
     if behaviour.write_note:
         item.note = f"handled by {os.getpid()}"

@@ -75,3 +75,30 @@ def test_pending_count_uses_the_partial_index(engine: Engine) -> None:
     assert "ix_items_processed_pending" in plan, plan
     with engine.connect() as conn:
         assert pending_count(conn, job) == 10
+
+
+def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_url: str) -> None:
+    """status and check count pending rows and find the oldest one: O(pending), not O(table)."""
+    from sqlalchemy import func, select
+
+    from batchjobs.db import create_engine
+    from batchjobs.migrate import migrate
+    from batchjobs.monitoring import status
+
+    engine = create_engine(pg_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', g % 100000 <> 0 FROM generate_series(1, 1000000) g"))
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE items"))
+        conn.commit()
+    job = jobapp.jobs.job("process_item")
+    count_plan = _plan(engine, select(func.count()).select_from(job.table).where(job.pending()))
+    oldest_plan = _plan(engine, select(func.min(job.pending_since)).where(job.pending()))
+    for plan in (count_plan, oldest_plan):
+        assert "ix_items_processed_pending" in plan and "Seq Scan on items" not in plan, plan
+    with engine.connect() as conn:
+        [item] = [j for j in status(conn, jobapp.jobs).jobs if j.name == "process_item"]
+    assert item.pending == 10
+    engine.dispose()

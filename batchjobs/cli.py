@@ -158,6 +158,21 @@ def main(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     help="json: one JSON object per log event and for the summary (or $BATCHJOBS_LOG_FORMAT).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log every row handled, with its duration.")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Workers in this invocation, each on its own connection, all claiming with SKIP LOCKED.",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["process", "thread"]),
+    default="process",
+    show_default=True,
+    help="process for CPU-bound handlers; thread for handlers that wait on the network (2x cores or more).",
+)
 @click.pass_obj
 def run_pending_command(
     state: _State,
@@ -168,6 +183,8 @@ def run_pending_command(
     commit_interval: float,
     log_format: str,
     verbose: bool,
+    concurrency: int,
+    pool: str,
 ) -> None:
     """Handle pending rows until none is left or --max-runtime is spent, then exit.
 
@@ -180,17 +197,19 @@ def run_pending_command(
     configure_logging(log_format, verbose)
     registry = state.registry()
     engine = state.engine()
+    options = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval)
     with stop_on_signals(StopRequest()) as stop:
-        summary = run_pending(
-            registry,
-            engine,
-            jobs=jobs,
-            queues=queues,
-            max_runtime=max_runtime,
-            batch_size=batch_size,
-            commit_interval=commit_interval,
-            stop=stop,
-        )
+        if concurrency == 1:
+            summary = run_pending(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
+        else:
+            from batchjobs.workers import run_concurrently
+
+            summary = run_concurrently(
+                registry, engine, concurrency=concurrency, pool=pool, jobs=jobs, queues=queues, stop=stop, **options
+            )
+    if summary.workers_lost:
+        click.echo(summary.line())
+        raise BatchJobsError(f"{summary.workers_lost} of {concurrency} workers died; their rows are pending again")
     if not (summary.done or summary.failed):
         return
     if log_format == "json":

@@ -112,6 +112,8 @@ class RunSummary:
     jobs: dict[str, JobStats] = field(default_factory=dict)
     seconds: float = 0.0
     stopped_by: str | None = None
+    #: With --concurrency: workers that died (kill -9, OOM); their rows are pending again.
+    workers_lost: int = 0
 
     @property
     def done(self) -> int:
@@ -127,6 +129,7 @@ class RunSummary:
             "failed": self.failed,
             "seconds": round(self.seconds, 3),
             "stopped_by": self.stopped_by,
+            "workers_lost": self.workers_lost,
             "jobs": {name: {"done": s.done, "failed": s.failed} for name, s in self.jobs.items()},
         }
 
@@ -138,6 +141,8 @@ class RunSummary:
             if s.done or s.failed
         )
         stopped = f", stopped by {self.stopped_by}" if self.stopped_by else ""
+        if self.workers_lost:
+            stopped += f", {self.workers_lost} worker(s) died"
         details = f" ({per_job})" if per_job else ""
         return f"batchjobs: {self.done} done, {self.failed} failed in {format_duration(self.seconds)}{stopped}{details}"
 
@@ -154,12 +159,15 @@ def run_pending(
     stop: StopRequest | None = None,
     clock: Callable[[], datetime] = utcnow,
     record: bool = True,
+    raise_errors: bool = False,
 ) -> RunSummary:
     """Handle pending rows of the selected jobs until none is left, time is up, or ``stop`` is set.
 
     Jobs take turns one chunk at a time, so one big backlog does not starve the others. A row
     that fails is not tried again in the same run; ``clock`` is the wall clock for backoff times.
     With ``record`` the run is kept in batchjobs' run history (see :mod:`batchjobs.history`).
+    With ``raise_errors`` the first handler exception is raised once its chunk has committed
+    (the failure is recorded as usual); tests use it to fail loudly.
     """
     selected = registry.select(jobs=jobs, queues=queues)
     engine, dialect = prepare(engine)
@@ -167,7 +175,7 @@ def run_pending(
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
     deadline = started + max_runtime if max_runtime is not None else None
-    run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock)
+    run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock, raise_errors)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
     with record_run(engine, summary, queues, clock) if record else nullcontext():
         active = list(selected)
@@ -193,6 +201,7 @@ class _Run:
     stop: StopRequest
     deadline: float | None
     clock: Callable[[], datetime]
+    raise_errors: bool = False
 
     @property
     def verbose(self) -> bool:
@@ -250,6 +259,8 @@ class _Run:
             self._report(job, failure)
         stats.done += len(done)
         stats.failed += len(failures)
+        if self.raise_errors and failures:
+            raise failures[0].error
         return len(claimed)
 
     def _call(self, job: FlagJob, session: _ChunkSession, rows: Any, ctx: JobContext) -> BaseException | None:

@@ -106,10 +106,12 @@ def _handle(job: str, row_id: int) -> None:
     effect(job, row_id)
     if behaviour.sleep:
         time.sleep(behaviour.sleep)
-    if row_id == behaviour.block_on and behaviour.signal_dir is not None:
+    reached = behaviour.signal_dir / f"reached-{row_id}" if behaviour.signal_dir else None
+    if row_id == behaviour.block_on and reached is not None and not reached.exists():
         # Tell the test this row is in progress, then wait until it says go (or kills us).
-        (behaviour.signal_dir / f"reached-{row_id}").touch()
-        release = behaviour.signal_dir / f"release-{row_id}"
+        # Only the first time: after a kill, whoever takes the row over goes straight on.
+        reached.touch()
+        release = reached.with_name(f"release-{row_id}")
         while not release.exists():
             time.sleep(0.01)
     if row_id in behaviour.poison:

@@ -1,0 +1,153 @@
+"""`run-pending --concurrency N`: several workers in one invocation, each claiming with SKIP LOCKED.
+
+It is the same mechanism as N cron hosts: every worker runs the ordinary run loop on its own
+database connection, and the database hands each one different rows. Processes suit CPU-bound
+handlers; threads suit handlers that wait on the network (email, remote APIs), where two or more
+workers per core pay off.
+
+A worker that dies (kill -9, OOM) loses nothing: its chunk's transaction rolls back, its rows
+are pending again, and the other workers carry on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine
+
+from batchjobs.db import create_engine, prepare
+from batchjobs.errors import BatchJobsError
+from batchjobs.failures import utcnow
+from batchjobs.history import record_run
+from batchjobs.registry import Registry
+from batchjobs.runner import JobStats, RunSummary, StopRequest, run_pending
+
+POOLS = ("process", "thread")
+
+
+def run_concurrently(
+    registry: Registry,
+    engine: Engine,
+    *,
+    concurrency: int,
+    pool: str = "process",
+    stop: StopRequest | None = None,
+    jobs: Sequence[str] = (),
+    queues: Sequence[str] = (),
+    **options: Any,
+) -> RunSummary:
+    """Run ``concurrency`` workers over the same selection and add up what they did.
+
+    ``options`` are passed to :func:`batchjobs.run_pending` (``max_runtime``, ``batch_size``,
+    ``commit_interval``). ``stop`` reaches every worker: with processes, a signal received here
+    is passed on to the children. The invocation is recorded as one run in the run history.
+    """
+    if concurrency < 1:
+        raise BatchJobsError(f"concurrency must be at least 1, got {concurrency}")
+    if pool not in POOLS:
+        raise BatchJobsError(f"unknown pool {pool!r} (use one of: {', '.join(POOLS)})")
+    registry.select(jobs=jobs, queues=queues)  # unknown names fail here, once, not in every worker
+    engine, _ = prepare(engine)
+    stop = stop if stop is not None else StopRequest()
+    total = RunSummary(jobs={job.name: JobStats() for job in registry.select(jobs=jobs, queues=queues)})
+    work = dict(jobs=jobs, queues=queues, record=False, **options)
+    if pool == "thread":
+        _run_threads(registry, engine, concurrency, stop, work, total)
+    else:
+        _run_processes(registry, engine, concurrency, stop, work, total)
+    return total
+
+
+def _add(total: RunSummary, part: dict[str, Any]) -> None:
+    for name, (done, failed) in part["jobs"].items():
+        total.jobs[name].done += done
+        total.jobs[name].failed += failed
+    total.seconds = max(total.seconds, part["seconds"])
+    total.stopped_by = total.stopped_by or part["stopped_by"]
+
+
+def _as_part(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "jobs": {name: (s.done, s.failed) for name, s in summary.jobs.items()},
+        "seconds": summary.seconds,
+        "stopped_by": summary.stopped_by,
+    }
+
+
+def _run_threads(
+    registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
+) -> None:
+    parts: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        # An engine per worker: its own connection, whatever the size of the app's pool.
+        own = create_engine(engine.url)
+        try:
+            parts.append(_as_part(run_pending(registry, own, stop=stop, **work)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            errors.append(exc)
+            stop.set("worker error")
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=worker, name=f"batchjobs-worker-{i}") for i in range(count)]
+    with record_run(engine, total, work["queues"], utcnow):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            # join() with a timeout keeps the main thread able to take SIGTERM and Ctrl-C.
+            while thread.is_alive():
+                thread.join(0.2)
+        for part in parts:
+            _add(total, part)
+    if errors:
+        raise errors[0]
+
+
+def _child(registry: Registry, engine: Engine, work: dict[str, Any], results: Any) -> None:
+    # The parent's pooled connections must not be shared: drop them without closing them
+    # (closing would end the parent's sessions), as SQLAlchemy advises for forked processes.
+    engine.dispose(close=False)
+    stop = StopRequest()
+
+    def handle(signum: int, _frame: Any) -> None:
+        stop.set(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    results.put(_as_part(run_pending(registry, engine, stop=stop, **work)))
+
+
+def _run_processes(
+    registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
+) -> None:
+    # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    engine.dispose(close=False)
+    children = [
+        context.Process(target=_child, args=(registry, engine, work, results), name=f"batchjobs-worker-{i}")
+        for i in range(count)
+    ]
+    for child in children:
+        child.start()
+    forwarded = False
+    with record_run(engine, total, work["queues"], utcnow):
+        while any(child.is_alive() for child in children):
+            if stop and not forwarded:
+                for child in children:
+                    if child.is_alive():
+                        child.terminate()  # SIGTERM: finish the current row, commit, exit
+                forwarded = True
+            for child in children:
+                child.join(0.1)
+        # A child that exited cleanly has put its counts on the queue before it ended.
+        for child in children:
+            if child.exitcode == 0:
+                _add(total, results.get(timeout=30))
+        total.workers_lost = sum(1 for child in children if child.exitcode != 0)

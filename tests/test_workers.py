@@ -1,0 +1,79 @@
+"""run-pending --concurrency: process and thread workers, and a worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from conftest import cli_env, effects, run_cli, start_cli, wait_for
+from test_run_pending import add_items, processed
+
+
+def _url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize(("pool", "workers"), [("process", 4), ("thread", 8)])
+def test_workers_handle_every_row_once(engine: Engine, tmp_path: Path, pool: str, workers: int) -> None:
+    add_items(engine, 5000)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=_url(engine))
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "--concurrency", str(workers), "--pool", pool, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("batchjobs: 5000 done, 0 failed in ")
+    handled = Counter(effects(effects_file))
+    assert set(handled) == set(range(1, 5001)) and set(handled.values()) == {1}
+    if pool == "process":
+        pids = {line.split()[2] for line in effects_file.read_text().splitlines()}
+        assert len(pids) > 1  # the work really was shared between processes
+    assert all(processed(engine).values())
+
+
+def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path: Path) -> None:
+    add_items(engine, 2000)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(
+        JOBAPP_EFFECTS=str(effects_file),
+        JOBAPP_BLOCK_ON="60",
+        JOBAPP_SIGNAL_DIR=str(tmp_path),
+        BATCHJOBS_DATABASE_URL=_url(engine),
+    )
+    run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "-c", "4", "--commit-interval", "1h", env=env)
+    wait_for(lambda: (tmp_path / "reached-60").exists(), "row 60 to be in progress", run)
+    [victim] = {line.split()[2] for line in effects_file.read_text().splitlines() if line.split()[1] == "60"}
+    os.kill(int(victim), signal.SIGKILL)
+    out, err = run.communicate(timeout=300)
+
+    assert run.returncode == 1
+    assert err.strip().splitlines()[-1] == "Error: 1 of 4 workers died; their rows are pending again"
+    assert "1 worker(s) died" in out
+
+    # The killed worker's chunk rolled back; the surviving workers or this later run take it over.
+    again = run_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=cli_env(
+        JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=_url(engine)))
+    assert again.returncode == 0, again.stderr
+    assert all(processed(engine).values())
+    handled = Counter(effects(effects_file))
+    assert set(handled) == set(range(1, 2001))
+    # Only rows the killed worker had started (its chunk is 51-100, it died in row 60) ran twice.
+    assert {k for k, n in handled.items() if n > 1} == set(range(51, 61))
+
+
+def test_sigterm_reaches_every_worker(engine: Engine, tmp_path: Path) -> None:
+    add_items(engine, 500)
+    env = cli_env(JOBAPP_BLOCK_ON="10", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=_url(engine), JOBAPP_SLEEP="0.01")
+    run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "-c", "3", env=env)
+    wait_for(lambda: (tmp_path / "reached-10").exists(), "row 10 to be in progress", run)
+    run.send_signal(signal.SIGTERM)
+    (tmp_path / "release-10").touch()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "stopped by SIGTERM" in out
+    done = sum(processed(engine).values())
+    assert 0 < done < 500
+    assert f"batchjobs: {done} done" in out

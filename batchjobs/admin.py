@@ -157,8 +157,8 @@ def apply(
                     if not rows:
                         return result
                     keys = [key for key, _ in rows]
-                    changed = session.execute(update(job.table).where(pk.in_(keys), changes).values(values))
-                    cleared = clear_failures(session, job, [row_key for _, row_key in rows])
+                    changed = session.execute(update(job.table).where(dialect.key_in(pk, keys), changes).values(values))
+                    cleared = clear_failures(session, dialect, job, [row_key for _, row_key in rows])
                 break
             except DBAPIError as exc:
                 if not dialect.is_lock_timeout(exc):

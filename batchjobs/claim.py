@@ -1,16 +1,16 @@
-"""The two statements a chunk is made of: claim pending rows, then mark the handled ones done."""
+"""The statements a chunk is made of: claim pending rows, look at their failure records, mark done."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import String, and_, cast, literal, or_, select, update
+from sqlalchemy import Integer, Select, String, and_, bindparam, cast, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import Dialect
 from batchjobs.registry import FlagJob
-from batchjobs.schema import Failure
+from batchjobs.schema import Failure, UTCDateTime
 
 
 def row_key_sql(job: FlagJob) -> Any:
@@ -18,17 +18,25 @@ def row_key_sql(job: FlagJob) -> Any:
     return cast(job.primary_key, String)
 
 
-def _held_back(now: datetime, run_started: datetime) -> Any:
-    """Failure-record condition for rows that must wait: dead, backing off, or failed this run."""
-    return or_(Failure.dead.is_(True), Failure.next_attempt_at > now, Failure.last_failed_at >= run_started)
+def _held_back() -> Any:
+    """Failure-record condition for rows that must wait: dead, backing off, or failed this run.
+
+    ``now`` and ``run_started`` are bound at execution, so each statement is built once per run.
+    """
+    return or_(
+        Failure.dead.is_(True),
+        Failure.next_attempt_at > bindparam("now", type_=UTCDateTime()),
+        Failure.last_failed_at >= bindparam("run_started", type_=UTCDateTime()),
+    )
 
 
-def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: datetime, limit: int) -> Any:
-    """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
+def claim_statement(job: FlagJob, dialect: Dialect) -> Select[Any]:
+    """Select up to ``:limit`` pending rows that are not held back, locked for this transaction.
 
     Rows come as (model instance, row key). The key is computed by the database, the same
     expression the failure lookups use, so both agree for every key type (a UUID is text with
-    hyphens on PostgreSQL, 32 hex digits on SQLite).
+    hyphens on PostgreSQL, 32 hex digits on SQLite). Execute with ``now``, ``run_started`` and
+    ``limit``.
 
     The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
     anti-join, and a hash anti-join loses the index order, so with stale statistics it would
@@ -37,20 +45,20 @@ def claim_statement(job: FlagJob, dialect: Dialect, now: datetime, run_started: 
     walk stops after ``limit`` rows: O(pending + failing) at worst, never O(table).
     """
     of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-    held_back = select(literal(1)).where(of_this_row, _held_back(now, run_started)).limit(1).scalar_subquery()
+    held_back = select(literal(1)).where(of_this_row, _held_back()).limit(1).scalar_subquery()
     stmt = (
         # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
         # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
         select(job.model, row_key_sql(job).label("batchjobs_row_key"))
         .where(job.pending(), held_back.is_(None))
         .order_by(job.primary_key)
-        .limit(limit)
+        .limit(bindparam("limit", type_=Integer()))
     )
     return dialect.lock_for_claim(stmt, job.table)
 
 
 def failure_states(
-    session: Session, job: FlagJob, keys: Sequence[str], now: datetime, run_started: datetime
+    session: Session, dialect: Dialect, job: FlagJob, keys: Sequence[str], now: datetime, run_started: datetime
 ) -> dict[str, tuple[int, bool]]:
     """For claimed rows that have a failure record: row key -> (attempts so far, held back).
 
@@ -62,14 +70,15 @@ def failure_states(
     if not keys:
         return {}
     rows = session.execute(
-        select(Failure.row_key, Failure.attempts, _held_back(now, run_started)).where(
-            Failure.job == job.name, Failure.row_key.in_(list(keys))
-        )
+        select(Failure.row_key, Failure.attempts, _held_back()).where(
+            Failure.job == job.name, dialect.key_in(Failure.row_key, keys)
+        ),
+        {"now": now, "run_started": run_started},
     )
     return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
 
-def mark_done(session: Session, job: FlagJob, keys: Sequence[Any], now: datetime) -> None:
+def mark_done(session: Session, dialect: Dialect, job: FlagJob, keys: Sequence[Any], now: datetime) -> None:
     """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
     if keys:
-        session.execute(update(job.table).where(job.primary_key.in_(keys)).values(job.done_values(now)))
+        session.execute(update(job.table).where(dialect.key_in(job.primary_key, keys)).values(job.done_values(now)))

@@ -125,13 +125,11 @@ def record_failures(
     session.execute(stmt)
 
 
-def clear_failures(session: Session | Connection, job: FlagJob, row_keys: Sequence[str]) -> int:
+def clear_failures(session: Session | Connection, dialect: Dialect, job: FlagJob, row_keys: Sequence[str]) -> int:
     """Forget the failure records of these rows (after a success, a retry or a requeue)."""
     if not row_keys:
         return 0
-    result = session.execute(
-        delete(Failure).where(Failure.job == job.name, Failure.row_key.in_(list(row_keys)))
-    )
+    result = session.execute(delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key, row_keys)))
     return int(getattr(result, "rowcount", 0) or 0)
 
 

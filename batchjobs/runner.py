@@ -22,7 +22,7 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from batchjobs.claim import claim_statement, failure_states, mark_done
@@ -191,6 +191,16 @@ def run_pending(
     return summary
 
 
+class _StatementCounter:
+    """Counts statements on the chunk's connection, to tell whether a handler used the database."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, *_args: Any) -> None:
+        self.count += 1
+
+
 @dataclass
 class _Run:
     registry: Registry
@@ -202,6 +212,7 @@ class _Run:
     deadline: float | None
     clock: Callable[[], datetime]
     raise_errors: bool = False
+    claims: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verbose(self) -> bool:
@@ -213,23 +224,27 @@ class _Run:
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         pk_attr = job.primary_key_attr
+        if job.name not in self.claims:
+            self.claims[job.name] = claim_statement(job, self.dialect)
         with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
             now = self.clock()
-            claimed = session.execute(claim_statement(job, self.dialect, now, self.run_started, limit)).all()
+            params = {"now": now, "run_started": self.run_started, "limit": limit}
+            claimed = session.execute(self.claims[job.name], params).all()
             if not claimed:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
             pks = {row_key: getattr(row, pk_attr) for row, row_key in claimed}
-            states = failure_states(session, job, list(pks), now, self.run_started)
+            states = failure_states(session, self.dialect, job, list(pks), now, self.run_started)
             attempts = {row_key: count for row_key, (count, _) in states.items()}
             held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
             work = [(row_key, row) for row, row_key in claimed if row_key not in held_back]
             ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
+            handler = _Handler(self.dialect, session)
             done: list[str] = []
             failures: list[RowFailure] = []
             if job.batch:
-                error = self._call(job, session, [row for _, row in work], ctx) if work else None
+                error = handler.call(job, [row for _, row in work], ctx) if work else None
                 if error is None:
                     done = [key for key, _ in work]
                 else:
@@ -242,16 +257,17 @@ class _Run:
                     row_started = time.monotonic()
                     if index and (row_started - chunk_started >= self.commit_interval or self.should_stop()):
                         break
-                    error = self._call(job, session, row, ctx)
+                    error = handler.call(job, row, ctx)
                     if error is None:
                         done.append(key)
                     else:
                         failures.append(RowFailure(key, attempts.get(key, 0), error))
                     if self.verbose:
                         _log_row(job, key, time.monotonic() - row_started, error)
+            handler.finish()
             now = self.clock()
-            mark_done(session, job, [pks[key] for key in done], now)
-            clear_failures(session, job, [key for key in done if key in states])
+            mark_done(session, self.dialect, job, [pks[key] for key in done], now)
+            clear_failures(session, self.dialect, job, [key for key in done if key in states])
             record_failures(session, self.dialect, job, failures, now)
             session.commit()
         # Reported after the commit, so a hook never announces a failure that was not recorded.
@@ -262,36 +278,6 @@ class _Run:
         if self.raise_errors and failures:
             raise failures[0].error
         return len(claimed)
-
-    def _call(self, job: FlagJob, session: _ChunkSession, rows: Any, ctx: JobContext) -> BaseException | None:
-        """Run the handler in a lazily-emitted savepoint; return the exception it raised, if any."""
-        # The chunk's connection exists already (the claim ran on it); asking for it emits nothing.
-        dbapi_connection = session.connection().connection.dbapi_connection
-        limit = _TimeLimit(job.timeout, self.dialect, dbapi_connection) if job.timeout else None
-        savepoint = session.begin_nested()
-        try:
-            session.in_handler = True
-            try:
-                if limit is None:
-                    job.call(rows, ctx)
-                else:
-                    with limit:
-                        job.call(rows, ctx)
-            finally:
-                session.in_handler = False
-            session.flush()
-            if self.dialect.in_failed_transaction(dbapi_connection):
-                # The handler caught a database error and carried on; PostgreSQL refuses all
-                # further statements until the savepoint is rolled back, so this row failed.
-                raise BatchJobsError("the handler went on after a database error; its changes were rolled back")
-            savepoint.commit()
-        except (JobTimeout, Exception) as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
-            savepoint.rollback()
-            # A statement cancelled by the time limit surfaces as a driver error: call it a timeout.
-            return limit.error() if limit is not None and limit.expired else exc
-        if limit is not None and limit.expired:
-            return limit.error()  # the handler swallowed the cancelled statement's error
-        return None
 
     def _report(self, job: FlagJob, failure: RowFailure) -> None:
         attempt = failure.attempts_before + 1
@@ -311,6 +297,68 @@ class _Run:
                 self.registry.on_failure(job, failure.row_key, failure.error)
             except Exception:  # noqa: BLE001 - a broken hook must not lose the chunk
                 logger.exception("on_failure hook raised for job %s row %s", job.name, failure.row_key)
+
+
+class _Handler:
+    """Calls a chunk's handlers, each in a savepoint, without paying for one per row.
+
+    SQLAlchemy sends SAVEPOINT only once a handler uses the connection, but its bookkeeping for
+    each nested transaction still costs more than a handler that sends an email. So handlers
+    share one nested transaction for as long as they leave the database and the session alone;
+    the first one that touches either gets its changes released (or, if it fails, rolled back)
+    right after it returns. A failure therefore never undoes an earlier row's writes, and a
+    chunk of handlers that do not write costs no savepoint at all.
+    """
+
+    def __init__(self, dialect: Dialect, session: _ChunkSession) -> None:
+        self.dialect = dialect
+        self.session = session
+        # The chunk's connection exists already (the claim ran on it); asking for it emits nothing.
+        connection = session.connection()
+        self.dbapi_connection = connection.connection.dbapi_connection
+        self.statements = _StatementCounter()
+        event.listen(connection, "before_cursor_execute", self.statements)
+        self.savepoint: Any = None
+
+    def call(self, job: FlagJob, rows: Any, ctx: JobContext) -> BaseException | None:
+        """Run the handler; return the exception it raised (its changes undone), if any."""
+        session = self.session
+        if self.savepoint is None:
+            self.savepoint = session.begin_nested()
+        limit = _TimeLimit(job.timeout, self.dialect, self.dbapi_connection) if job.timeout else None
+        executed = self.statements.count
+        try:
+            session.in_handler = True
+            try:
+                if limit is None:
+                    job.call(rows, ctx)
+                else:
+                    with limit:
+                        job.call(rows, ctx)
+            finally:
+                session.in_handler = False
+            if limit is not None and limit.expired:
+                raise limit.error()  # the handler swallowed the cancelled statement's error
+            if self.statements.count != executed or session.new or session.dirty or session.deleted:
+                session.flush()
+                if self.dialect.in_failed_transaction(self.dbapi_connection):
+                    # The handler caught a database error and carried on; PostgreSQL refuses all
+                    # further statements until the savepoint is rolled back, so this row failed.
+                    raise BatchJobsError("the handler went on after a database error; its changes were rolled back")
+                self.savepoint.commit()
+                self.savepoint = None
+        except (JobTimeout, Exception) as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
+            savepoint, self.savepoint = self.savepoint, None
+            savepoint.rollback()
+            # A statement cancelled by the time limit surfaces as a driver error: call it a timeout.
+            return limit.error() if limit is not None and limit.expired and not isinstance(exc, JobTimeout) else exc
+        return None
+
+    def finish(self) -> None:
+        """Release the shared savepoint, if the last handlers left one open."""
+        if self.savepoint is not None:
+            self.savepoint.commit()
+            self.savepoint = None
 
 
 def _log_row(job: FlagJob, key: Any, seconds: float, error: BaseException | None) -> None:

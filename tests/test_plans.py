@@ -52,7 +52,7 @@ def test_claim_walks_the_partial_index_in_key_order(engine: Engine) -> None:
     _big_table_few_pending(engine)
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    plan = _plan(engine, claim_statement(job, prepare(engine)[1], now, now, 50))
+    plan = _plan(engine, claim_statement(job, prepare(engine)[1]).params(now=now, run_started=now, limit=50))
 
     assert "ix_items_processed_pending" in plan, plan
     assert "batchjobs_failures" in plan, plan

@@ -28,9 +28,11 @@ def test_workers_handle_every_row_once(engine: Engine, tmp_path: Path, pool: str
     assert result.stdout.startswith("batchjobs: 5000 done, 0 failed in ")
     handled = Counter(effects(effects_file))
     assert set(handled) == set(range(1, 5001)) and set(handled.values()) == {1}
-    if pool == "process":
+    if pool == "process" and engine.dialect.name == "postgresql":
+        # On PostgreSQL the work really is shared. (SQLite serialises chunks on its write lock,
+        # so one fast worker may legitimately take every chunk.)
         pids = {line.split()[2] for line in effects_file.read_text().splitlines()}
-        assert len(pids) > 1  # the work really was shared between processes
+        assert len(pids) > 1
     assert all(processed(engine).values())
 
 

@@ -214,12 +214,10 @@ class _Run:
     raise_errors: bool = False
     claims: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def verbose(self) -> bool:
-        return logger.isEnabledFor(logging.INFO)
-
-    def should_stop(self) -> bool:
-        return bool(self.stop) or (self.deadline is not None and time.monotonic() >= self.deadline)
+    def should_stop(self, now: float | None = None) -> bool:
+        if self.stop:
+            return True
+        return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
@@ -250,19 +248,20 @@ class _Run:
                 else:
                     failures = [RowFailure(key, attempts.get(key, 0), error) for key, _ in work]
             else:
-                chunk_started = time.monotonic()
+                verbose = logger.isEnabledFor(logging.INFO)
+                commit_by = time.monotonic() + self.commit_interval
                 for index, (key, row) in enumerate(work):
                     # Commit early rather than hold the rest of the chunk locked: unhandled rows
                     # are released by the commit and claimed again by the next chunk.
                     row_started = time.monotonic()
-                    if index and (row_started - chunk_started >= self.commit_interval or self.should_stop()):
+                    if index and (row_started >= commit_by or self.should_stop(row_started)):
                         break
                     error = handler.call(job, row, ctx)
                     if error is None:
                         done.append(key)
                     else:
                         failures.append(RowFailure(key, attempts.get(key, 0), error))
-                    if self.verbose:
+                    if verbose:
                         _log_row(job, key, time.monotonic() - row_started, error)
             handler.finish()
             now = self.clock()
@@ -339,7 +338,9 @@ class _Handler:
                 session.in_handler = False
             if limit is not None and limit.expired:
                 raise limit.error()  # the handler swallowed the cancelled statement's error
-            if self.statements.count != executed or session.new or session.dirty or session.deleted:
+            # _is_clean() is SQLAlchemy's own cheap test (no collections built): nothing new,
+            # deleted or modified in the session. This runs once per row, so it matters.
+            if self.statements.count != executed or not session._is_clean():
                 session.flush()
                 if self.dialect.in_failed_transaction(self.dbapi_connection):
                     # The handler caught a database error and carried on; PostgreSQL refuses all

@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, delete, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, delete, insert, update
 
 from batchjobs.schema import RunRecord
 
@@ -61,24 +60,27 @@ def record_run(
     recorded as failed; SIGKILL leaves it unfinished, and its stale heartbeat tells the rest.
     """
     now = clock()
-    with Session(engine) as session, session.begin():
-        session.execute(delete(RunRecord).where(RunRecord.started_at < now - keep_for))
-        run = RunRecord(
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            jobs=",".join(summary.jobs),
-            queues=",".join(queues),
-            started_at=now,
-            heartbeat_at=now,
-            **_progress(summary),
+    runs = RunRecord.__table__
+    # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
+    # statement compiled in a fresh process, and these run in every tick.
+    with engine.begin() as connection:
+        connection.execute(delete(runs).where(runs.c.started_at < now - keep_for))
+        created = connection.execute(
+            insert(runs).values(
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                jobs=",".join(summary.jobs),
+                queues=",".join(queues),
+                started_at=now,
+                heartbeat_at=now,
+                **_progress(summary),
+            )
         )
-        session.add(run)
-        session.flush()
-        run_id = run.id
+        run_id = created.inserted_primary_key[0]
 
     def save(**values: object) -> None:
-        with Session(engine) as session, session.begin():
-            session.execute(update(RunRecord).where(RunRecord.id == run_id).values(**values))
+        with engine.begin() as connection:
+            connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
     stopped = threading.Event()
 

@@ -129,12 +129,11 @@ class FlagJob:
 
     @property
     def primary_key(self) -> Column[Any]:
-        return next(iter(self.table.primary_key.columns))
+        return _primary_key(self.model)
 
     @property
     def primary_key_attr(self) -> str:
-        mapper: Mapper[Any] = inspect(self.model)
-        return mapper.get_property_by_column(self.primary_key).key
+        return _primary_key_attr(self.model)
 
     def pending(self) -> ColumnElement[bool]:
         """The WHERE clause selecting this job's pending rows."""
@@ -180,15 +179,25 @@ class Backfill:
 
     @property
     def primary_key(self) -> Column[Any]:
-        return next(iter(inspect(self.model).local_table.primary_key.columns))
+        return _primary_key(self.model)
 
     @property
     def primary_key_attr(self) -> str:
-        mapper: Mapper[Any] = inspect(self.model)
-        return mapper.get_property_by_column(self.primary_key).key
+        return _primary_key_attr(self.model)
 
     def call(self, rows: list[Any], ctx: BackfillContext) -> Any:
         return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
+
+
+def _primary_key(model: type) -> Column[Any]:
+    """The single primary-key column of a mapped class (checked at registration)."""
+    return next(iter(inspect(model).local_table.primary_key.columns))
+
+
+def _primary_key_attr(model: type) -> str:
+    """The attribute name of that column on the class (it may differ from the column name)."""
+    mapper: Mapper[Any] = inspect(model)
+    return mapper.get_property_by_column(_primary_key(model)).key
 
 
 def _for_column(column: Column[Any], now: datetime) -> datetime:

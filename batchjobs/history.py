@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 HEARTBEAT_EVERY = 5.0
 #: A run that has not beaten for this long, and never finished, is taken as crashed.
 STALE_AFTER = timedelta(seconds=60)
-KEEP_RUNS_FOR = timedelta(days=7)
 
 
 def outcome_of(run: RunRecord, now: datetime) -> str:
@@ -51,7 +50,7 @@ def record_run(
     summary: RunSummary,
     queues: Sequence[str],
     clock: Callable[[], datetime],
-    keep_for: timedelta = KEEP_RUNS_FOR,
+    keep_for: timedelta = timedelta(days=7),
     heartbeat_every: float = HEARTBEAT_EVERY,
 ) -> Iterator[None]:
     """Record the run whose counts ``summary`` collects, from start to finish.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect as pyinspect
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
 from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, true
@@ -220,9 +220,17 @@ def _wants_context(handler: Handler) -> bool:
 class Registry:
     """The set of jobs an application defines; point the CLI at it with ``-A module:attr``."""
 
-    def __init__(self, database_url: str | None = None, on_failure: FailureHook | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str | None = None,
+        on_failure: FailureHook | None = None,
+        keep_history: timedelta = timedelta(days=7),
+    ) -> None:
+        """``on_failure(job, row_key, exception)`` is called after each failure is recorded;
+        ``keep_history`` is how long `run-pending` runs stay in the run history."""
         self.database_url = database_url
         self.on_failure = on_failure
+        self.keep_history = keep_history
         self.jobs: dict[str, FlagJob] = {}
         self.backfills: dict[str, Backfill] = {}
 

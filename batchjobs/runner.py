@@ -177,7 +177,7 @@ def run_pending(
     deadline = started + max_runtime if max_runtime is not None else None
     run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock, raise_errors)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
-    with record_run(engine, summary, queues, clock) if record else nullcontext():
+    with record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext():
         active = list(selected)
         while active and not run.should_stop():
             for job in list(active):

@@ -96,7 +96,7 @@ def _run_threads(
             own.dispose()
 
     threads = [threading.Thread(target=worker, name=f"batchjobs-worker-{i}") for i in range(count)]
-    with record_run(engine, total, work["queues"], utcnow):
+    with record_run(engine, total, work["queues"], utcnow, keep_for=registry.keep_history):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -137,7 +137,7 @@ def _run_processes(
     for child in children:
         child.start()
     forwarded = False
-    with record_run(engine, total, work["queues"], utcnow):
+    with record_run(engine, total, work["queues"], utcnow, keep_for=registry.keep_history):
         while any(child.is_alive() for child in children):
             if stop and not forwarded:
                 for child in children:

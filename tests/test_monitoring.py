@@ -199,12 +199,20 @@ def test_run_history_records_runs_and_prunes_old_ones(engine: Engine, tmp_path: 
     summary = run_pending(jobapp.jobs, engine, queues=["items"])
     with Session(engine) as session:
         runs = session.scalars(select(RunRecord)).all()
-    assert len(runs) == 1  # the eight-day-old run was pruned
+    assert len(runs) == 1  # the eight-day-old run was pruned (the default keeps 7 days)
     [run] = runs
     assert (run.outcome, run.rows_done, run.rows_failed, run.jobs) == ("finished", 3, 0, "process_item")
     assert json.loads(run.job_stats) == {"process_item": [3, 0]}
     assert run.finished_at is not None and run.finished_at >= run.started_at
     assert summary.done == 3
+
+    from batchjobs import Registry
+
+    short = Registry(keep_history=timedelta(seconds=0))
+    short.jobs = jobapp.jobs.jobs
+    run_pending(short, engine, queues=["items"])
+    with Session(engine) as session:
+        assert len(session.scalars(select(RunRecord)).all()) == 1  # only the run just made
 
 
 def test_killed_run_shows_as_crashed_once_its_heartbeat_is_stale(engine: Engine, tmp_path: Path) -> None:

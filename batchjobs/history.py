@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete, insert, update
 
@@ -44,6 +44,78 @@ def _progress(summary: RunSummary) -> dict[str, object]:
     }
 
 
+class RunRecorder:
+    """Keeps one run's row in ``batchjobs_runs``: opened at the start, beaten, closed at the end."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        summary: RunSummary,
+        queues: Sequence[str],
+        clock: Callable[[], datetime],
+        keep_for: timedelta = timedelta(days=7),
+        heartbeat_every: float = HEARTBEAT_EVERY,
+    ) -> None:
+        self.engine = engine
+        self.summary = summary
+        self.queues = queues
+        self.clock = clock
+        self.keep_for = keep_for
+        self.heartbeat_every = heartbeat_every
+        self.run_id: Any = None
+        self._stopped = threading.Event()
+        self._heart: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Prune runs older than ``keep_for`` and record this one as running."""
+        now = self.clock()
+        runs = RunRecord.__table__
+        # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
+        # statement compiled in a fresh process, and these run in every tick.
+        with self.engine.begin() as connection:
+            connection.execute(delete(runs).where(runs.c.started_at < now - self.keep_for))
+            created = connection.execute(
+                insert(runs).values(
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    jobs=",".join(self.summary.jobs),
+                    queues=",".join(self.queues),
+                    started_at=now,
+                    heartbeat_at=now,
+                    **_progress(self.summary),
+                )
+            )
+            self.run_id = created.inserted_primary_key[0]
+
+    def start_heartbeat(self) -> None:
+        """Refresh the row every few seconds from a thread, even while a slow handler runs."""
+
+        def beat() -> None:
+            while not self._stopped.wait(self.heartbeat_every):
+                self._save(heartbeat_at=self.clock(), **_progress(self.summary))
+
+        self._heart = threading.Thread(target=beat, name="batchjobs-heartbeat", daemon=True)
+        self._heart.start()
+
+    def close(self, outcome: str) -> None:
+        """Stop the heartbeat and record how the run ended, with its final counts."""
+        self._stopped.set()
+        if self._heart is not None:
+            self._heart.join()
+        now = self.clock()
+        self._save(heartbeat_at=now, finished_at=now, outcome=outcome, **_progress(self.summary))
+
+    def _save(self, **values: object) -> None:
+        runs = RunRecord.__table__
+        with self.engine.begin() as connection:
+            connection.execute(update(runs).where(runs.c.id == self.run_id).values(**values))
+
+
+def outcome_for(summary: RunSummary) -> str:
+    """How a run that returned ended: finished, max-runtime, or interrupted by a signal."""
+    return {None: "finished", "max-runtime": "max-runtime"}.get(summary.stopped_by, "interrupted")
+
+
 @contextmanager
 def record_run(
     engine: Engine,
@@ -51,50 +123,18 @@ def record_run(
     queues: Sequence[str],
     clock: Callable[[], datetime],
     keep_for: timedelta = timedelta(days=7),
-    heartbeat_every: float = HEARTBEAT_EVERY,
 ) -> Iterator[None]:
     """Record the run whose counts ``summary`` collects, from start to finish.
 
-    Also prunes runs that started more than ``keep_for`` ago. If the block raises, the run is
-    recorded as failed; SIGKILL leaves it unfinished, and its stale heartbeat tells the rest.
+    If the block raises, the run is recorded as failed; SIGKILL leaves it unfinished, and its
+    stale heartbeat tells the rest.
     """
-    now = clock()
-    runs = RunRecord.__table__
-    # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
-    # statement compiled in a fresh process, and these run in every tick.
-    with engine.begin() as connection:
-        connection.execute(delete(runs).where(runs.c.started_at < now - keep_for))
-        created = connection.execute(
-            insert(runs).values(
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                jobs=",".join(summary.jobs),
-                queues=",".join(queues),
-                started_at=now,
-                heartbeat_at=now,
-                **_progress(summary),
-            )
-        )
-        run_id = created.inserted_primary_key[0]
-
-    def save(**values: object) -> None:
-        with engine.begin() as connection:
-            connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
-
-    stopped = threading.Event()
-
-    def beat() -> None:
-        while not stopped.wait(heartbeat_every):
-            save(heartbeat_at=clock(), **_progress(summary))
-
-    heart = threading.Thread(target=beat, name="batchjobs-heartbeat", daemon=True)
-    heart.start()
+    recorder = RunRecorder(engine, summary, queues, clock, keep_for)
+    recorder.open()
+    recorder.start_heartbeat()
     outcome = "failed"
     try:
         yield
-        outcome = {None: "finished", "max-runtime": "max-runtime"}.get(summary.stopped_by, "interrupted")
+        outcome = outcome_for(summary)
     finally:
-        stopped.set()
-        heart.join()
-        now = clock()
-        save(heartbeat_at=now, finished_at=now, outcome=outcome, **_progress(summary))
+        recorder.close(outcome)

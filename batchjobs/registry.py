@@ -102,8 +102,24 @@ class JobContext:
     logger: logging.Logger
 
 
+class _KeyedModel:
+    """The single-column primary key of a job's or backfill's model (checked at registration)."""
+
+    model: type
+
+    @property
+    def primary_key(self) -> Column[Any]:
+        return next(iter(inspect(self.model).local_table.primary_key.columns))
+
+    @property
+    def primary_key_attr(self) -> str:
+        """The attribute name of that column on the class (it may differ from the column name)."""
+        mapper: Mapper[Any] = inspect(self.model)
+        return mapper.get_property_by_column(self.primary_key).key
+
+
 @dataclass(frozen=True, eq=False)
-class FlagJob:
+class FlagJob(_KeyedModel):
     """One registered job: a flag column, the handler, and how to run it."""
 
     name: str
@@ -126,14 +142,6 @@ class FlagJob:
         table = self.flag.table
         assert isinstance(table, Table)
         return table
-
-    @property
-    def primary_key(self) -> Column[Any]:
-        return _primary_key(self.model)
-
-    @property
-    def primary_key_attr(self) -> str:
-        return _primary_key_attr(self.model)
 
     def pending(self) -> ColumnElement[bool]:
         """The WHERE clause selecting this job's pending rows."""
@@ -167,7 +175,7 @@ class BackfillContext:
 
 
 @dataclass(frozen=True, eq=False)
-class Backfill:
+class Backfill(_KeyedModel):
     """A one-off function over every row of a query, run in resumable keyset chunks."""
 
     name: str
@@ -177,27 +185,8 @@ class Backfill:
     chunk_size: int = 1000
     wants_context: bool = False
 
-    @property
-    def primary_key(self) -> Column[Any]:
-        return _primary_key(self.model)
-
-    @property
-    def primary_key_attr(self) -> str:
-        return _primary_key_attr(self.model)
-
     def call(self, rows: list[Any], ctx: BackfillContext) -> Any:
         return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
-
-
-def _primary_key(model: type) -> Column[Any]:
-    """The single primary-key column of a mapped class (checked at registration)."""
-    return next(iter(inspect(model).local_table.primary_key.columns))
-
-
-def _primary_key_attr(model: type) -> str:
-    """The attribute name of that column on the class (it may differ from the column name)."""
-    mapper: Mapper[Any] = inspect(model)
-    return mapper.get_property_by_column(_primary_key(model)).key
 
 
 def _for_column(column: Column[Any], now: datetime) -> datetime:

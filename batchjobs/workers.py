@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from batchjobs.db import create_engine, prepare
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import utcnow
-from batchjobs.history import record_run
+from batchjobs.history import RunRecorder, outcome_for, record_run
 from batchjobs.registry import Registry
 from batchjobs.runner import JobStats, RunSummary, StopRequest, run_pending
 
@@ -126,7 +126,12 @@ def _child(registry: Registry, engine: Engine, work: dict[str, Any], results: An
 def _run_processes(
     registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
 ) -> None:
+    # The run is recorded before forking: on SQLite the parent's INSERT would otherwise queue for
+    # the write lock behind its busy children, and a parent stuck there cannot react to SIGTERM.
+    recorder = RunRecorder(engine, total, work["queues"], utcnow, keep_for=registry.keep_history)
+    recorder.open()
     # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.
+    # The heartbeat thread starts only after the fork, so no child inherits a thread's locks.
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     engine.dispose(close=False)
@@ -136,8 +141,10 @@ def _run_processes(
     ]
     for child in children:
         child.start()
-    forwarded = False
-    with record_run(engine, total, work["queues"], utcnow, keep_for=registry.keep_history):
+    recorder.start_heartbeat()
+    outcome = "failed"
+    try:
+        forwarded = False
         while any(child.is_alive() for child in children):
             if stop and not forwarded:
                 for child in children:
@@ -151,3 +158,6 @@ def _run_processes(
             if child.exitcode == 0:
                 _add(total, results.get(timeout=30))
         total.workers_lost = sum(1 for child in children if child.exitcode != 0)
+        outcome = outcome_for(total)
+    finally:
+        recorder.close(outcome)

@@ -97,6 +97,11 @@ def behaviour(tmp_path: Path) -> Iterator[jobapp.Behaviour]:
         jobapp.behaviour = saved
 
 
+def url_of(engine: Engine) -> str:
+    """The engine's URL as a string a subprocess can use (password included)."""
+    return engine.url.render_as_string(hide_password=False)
+
+
 def effects(path: Path, job: str | None = None) -> list[int]:
     """Row ids in the order their handlers ran (optionally for one job)."""
     if not path.exists():

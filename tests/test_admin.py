@@ -14,14 +14,10 @@ import jobapp
 from batchjobs import BatchJobsError
 from batchjobs.admin import Selection, apply, preview
 from batchjobs.schema import Failure
-from conftest import cli_env, run_cli, start_cli
+from conftest import cli_env, run_cli, start_cli, url_of
 from test_run_pending import add_items, processed
 
 JOB = jobapp.jobs.job("process_item")
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def _done(engine: Engine) -> list[int]:
@@ -81,7 +77,7 @@ def test_selection_must_be_exactly_one() -> None:
 
 def test_cli_dry_run_changes_nothing(engine: Engine) -> None:
     add_items(engine, 30)
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     result = run_cli("-A", "jobapp:jobs", "mark-done", "process_item", "--id-range", "5:25", "--dry-run", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
@@ -95,7 +91,7 @@ def test_cli_dry_run_changes_nothing(engine: Engine) -> None:
 
 def test_cli_where_with_param(engine: Engine) -> None:
     add_items(engine, 12)
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     result = run_cli("-A", "jobapp:jobs", "mark-done", "process_item", "--where", "id <= :last", "--param", "last=4", "--json", env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rows"] == 4
@@ -107,7 +103,7 @@ def test_cli_where_with_param(engine: Engine) -> None:
 
 def test_cli_big_change_needs_yes_without_a_terminal(engine: Engine) -> None:
     add_items(engine, 10_001)
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     refused = run_cli("-A", "jobapp:jobs", "mark-done", "process_item", "--all", env=env)
     assert refused.returncode == 1
     assert refused.stderr.strip() == "Error: this would change 10,001 rows; pass --yes to confirm (no terminal to ask on)"
@@ -128,7 +124,7 @@ def test_cli_big_change_needs_yes_without_a_terminal(engine: Engine) -> None:
     ],
 )
 def test_cli_errors(engine: Engine, args: list[str], message: str) -> None:
-    result = run_cli("-A", "jobapp:jobs", *args, env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", *args, env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 

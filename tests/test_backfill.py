@@ -14,12 +14,8 @@ from sqlalchemy.orm import Session
 
 import jobapp
 from batchjobs.schema import BackfillState
-from conftest import BATCHJOBS, cli_env, effects, run_cli, start_cli, wait_for
+from conftest import BATCHJOBS, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def _unfilled(engine: Engine) -> int:
@@ -37,7 +33,7 @@ def _state(engine: Engine) -> BackfillState:
 
 def test_backfill_runs_every_row_once_and_lists_its_state(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 250)
-    env = cli_env(JOBAPP_EFFECTS=str(tmp_path / "effects.txt"), BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_EFFECTS=str(tmp_path / "effects.txt"), BATCHJOBS_DATABASE_URL=url_of(engine))
     before = json.loads(run_cli("-A", "jobapp:jobs", "backfills", "--json", env=env).stdout)
     assert [(b["name"], b["status"], b["rows_done"]) for b in before] == [("fill_notes", "never run", 0)]
 
@@ -61,7 +57,7 @@ def test_kill_9_mid_backfill_then_resume(engine: Engine, tmp_path: Path) -> None
         JOBAPP_EFFECTS=str(effects_file),
         JOBAPP_BLOCK_ON="450",
         JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=_url(engine),
+        BATCHJOBS_DATABASE_URL=url_of(engine),
     )
     run = start_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     wait_for(lambda: (tmp_path / "reached-450").exists(), "row 450 to be in progress", run)
@@ -72,7 +68,7 @@ def test_kill_9_mid_backfill_then_resume(engine: Engine, tmp_path: Path) -> None
     assert _unfilled(engine) == 600
 
     again = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=cli_env(
-        JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=_url(engine)))
+        JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=url_of(engine)))
 
     assert again.returncode == 0, again.stderr
     assert "600 rows in 6 chunk(s)" in again.stdout
@@ -86,7 +82,7 @@ def test_kill_9_mid_backfill_then_resume(engine: Engine, tmp_path: Path) -> None
 
 def test_ctrl_c_interrupts_between_chunks_and_resume_continues(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 500)
-    env = cli_env(JOBAPP_BLOCK_ON="150", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_BLOCK_ON="150", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
     run = start_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     wait_for(lambda: (tmp_path / "reached-150").exists(), "row 150 to be in progress", run)
     os.kill(run.pid, signal.SIGINT)
@@ -96,13 +92,13 @@ def test_ctrl_c_interrupts_between_chunks_and_resume_continues(engine: Engine, t
     assert out.strip() == "backfill fill_notes: interrupted after 200 rows this run; run it again to resume"
     assert (_state(engine).status, _unfilled(engine)) == ("interrupted", 300)
 
-    resumed = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    resumed = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert "finished, 300 rows" in resumed.stdout and _unfilled(engine) == 0
 
 
 def test_failure_is_recorded_and_resume_starts_at_the_failed_chunk(engine: Engine) -> None:
     add_items(engine, 300)
-    env = cli_env(JOBAPP_POISON="250", BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_POISON="250", BATCHJOBS_DATABASE_URL=url_of(engine))
     failed = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1] == (
@@ -114,14 +110,14 @@ def test_failure_is_recorded_and_resume_starts_at_the_failed_chunk(engine: Engin
     listing = run_cli("-A", "jobapp:jobs", "backfills", env=env).stdout
     assert "ValueError: poison row 250" in listing
 
-    fixed = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    fixed = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert "finished, 100 rows in 1 chunk(s)" in fixed.stdout
     assert _state(engine).last_error is None
 
 
 def test_dry_run_reports_changes_and_changes_nothing(engine: Engine) -> None:
     add_items(engine, 150)
-    result = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", "--dry-run", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", "--dry-run", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "backfill fill_notes (dry run): the next chunk has 100 of 150 remaining rows",
@@ -135,7 +131,7 @@ def test_dry_run_reports_changes_and_changes_nothing(engine: Engine) -> None:
 
 def test_restart_starts_over(engine: Engine) -> None:
     add_items(engine, 120)
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     run_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     with Session(engine) as session, session.begin():
         session.execute(update(jobapp.Item).where(jobapp.Item.id.in_([5, 110])).values(note=None))
@@ -148,7 +144,7 @@ def test_restart_starts_over(engine: Engine) -> None:
 
 
 def test_unknown_backfill(engine: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "backfill", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "backfill", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert result.returncode == 1 and result.stderr.strip() == "Error: unknown backfill 'nope' (known backfills: fill_notes)"
 
 

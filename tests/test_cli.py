@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, url_of
 from test_run_pending import add_items
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def assert_one_line_error(result: object, *fragments: str) -> None:
@@ -28,12 +24,12 @@ def assert_one_line_error(result: object, *fragments: str) -> None:
 
 
 def test_unknown_job(engine: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "run-pending", "--job", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "--job", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert_one_line_error(result, "unknown job 'nope'", "process_item")
 
 
 def test_unknown_queue(engine: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "run-pending", "-q", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "-q", "nope", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert_one_line_error(result, "unknown queue 'nope'", "items, mail, media")
 
 
@@ -85,7 +81,7 @@ def test_unsupported_database() -> None:
 
 def test_jobs_lists_pending_counts(engine: Engine) -> None:
     add_items(engine, 4)
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     listing = run_cli("-A", "jobapp:jobs", "jobs", env=env)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
@@ -99,7 +95,7 @@ def test_database_url_precedence(engine: Engine, tmp_path: Path) -> None:
     """--database-url beats $BATCHJOBS_DATABASE_URL, which beats $DATABASE_URL."""
     add_items(engine, 2)
     bad = f"sqlite:///{tmp_path / 'missing-dir' / 'x.sqlite3'}"
-    good = _url(engine)
+    good = url_of(engine)
     assert run_cli("-A", "jobapp:jobs", "--database-url", good, "jobs", env=cli_env(BATCHJOBS_DATABASE_URL=bad)).returncode == 0
     assert run_cli("-A", "jobapp:jobs", "jobs", env=cli_env(BATCHJOBS_DATABASE_URL=good, DATABASE_URL=bad)).returncode == 0
     assert run_cli("-A", "jobapp:jobs", "jobs", env=cli_env(DATABASE_URL=good)).returncode == 0
@@ -107,7 +103,7 @@ def test_database_url_precedence(engine: Engine, tmp_path: Path) -> None:
 
 
 def test_app_from_environment(engine: Engine) -> None:
-    result = run_cli("jobs", env=cli_env(BATCHJOBS_APP="jobapp:jobs", BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("jobs", env=cli_env(BATCHJOBS_APP="jobapp:jobs", BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert result.returncode == 0 and "process_item" in result.stdout
 
 

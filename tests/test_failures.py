@@ -16,7 +16,7 @@ import jobapp
 from batchjobs import Registry, run_pending
 from batchjobs.failures import retry
 from batchjobs.schema import Failure
-from conftest import cli_env, effects, run_cli, start_cli, wait_for
+from conftest import cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items, processed
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -35,10 +35,6 @@ class Clock:
 def _failure(engine: Engine, job: str, key: str) -> Failure | None:
     with Session(engine) as session:
         return session.get(Failure, (job, key))
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def test_poison_row_backs_off_dies_and_is_revived(engine: Engine, behaviour: jobapp.Behaviour) -> None:
@@ -127,7 +123,7 @@ def test_kill_9_with_a_failed_row_in_the_chunk_records_no_failure(engine: Engine
         JOBAPP_POISON="2",
         JOBAPP_BLOCK_ON="5",
         JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=_url(engine),
+        BATCHJOBS_DATABASE_URL=url_of(engine),
     )
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-5").exists(), "row 5 to be in progress", run)
@@ -146,7 +142,7 @@ def test_concurrent_runners_count_each_real_attempt_once(engine: Engine, tmp_pat
     env = cli_env(
         JOBAPP_EFFECTS=str(effects_file),
         JOBAPP_POISON=",".join(map(str, poison)),
-        BATCHJOBS_DATABASE_URL=_url(engine),
+        BATCHJOBS_DATABASE_URL=url_of(engine),
     )
     for round_number in (1, 2):
         runs = [start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=env) for _ in range(4)]
@@ -182,7 +178,7 @@ def failing(engine: Engine, behaviour: jobapp.Behaviour) -> Engine:
 
 
 def test_failures_lists_failing_and_dead_rows(failing: Engine) -> None:
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(failing))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(failing))
     table = run_cli("-A", "jobapp:jobs", "failures", env=env)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.splitlines()
@@ -202,7 +198,7 @@ def test_failures_lists_failing_and_dead_rows(failing: Engine) -> None:
 
 
 def test_show_failure_prints_the_traceback(failing: Engine) -> None:
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(failing))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(failing))
     result = run_cli("-A", "jobapp:jobs", "show-failure", "process_item", "3", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("job process_item, row 3: 1 attempt(s), next attempt at ")
@@ -211,7 +207,7 @@ def test_show_failure_prints_the_traceback(failing: Engine) -> None:
 
 
 def test_retry_clears_records(failing: Engine) -> None:
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(failing))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(failing))
     dead = run_cli("-A", "jobapp:jobs", "retry", "process_item", "--all-dead", env=env)
     assert dead.stdout.strip() == "1 row(s) of process_item will be tried again on the next run"
     assert _failure(failing, "process_item", "7") is None
@@ -222,7 +218,7 @@ def test_retry_clears_records(failing: Engine) -> None:
 
 
 def test_retry_all(failing: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "retry", "process_item", "--all", env=cli_env(BATCHJOBS_DATABASE_URL=_url(failing)))
+    result = run_cli("-A", "jobapp:jobs", "retry", "process_item", "--all", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(failing)))
     assert result.stdout.startswith("2 row(s)")
 
 
@@ -238,7 +234,7 @@ def test_retry_all(failing: Engine) -> None:
     ],
 )
 def test_operator_command_errors(failing: Engine, args: list[str], message: str) -> None:
-    result = run_cli("-A", "jobapp:jobs", *args, env=cli_env(BATCHJOBS_DATABASE_URL=_url(failing)))
+    result = run_cli("-A", "jobapp:jobs", *args, env=cli_env(BATCHJOBS_DATABASE_URL=url_of(failing)))
     assert result.returncode == 1
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -17,13 +17,9 @@ from batchjobs.failures import utcnow
 from batchjobs.history import STALE_AFTER
 from batchjobs.monitoring import status
 from batchjobs.schema import Failure, RunRecord
-from conftest import cli_env, run_cli, start_cli, wait_for
+from conftest import cli_env, run_cli, start_cli, url_of, wait_for
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def _failure(job: str, key: str, dead: bool) -> Failure:
@@ -77,11 +73,11 @@ def test_status_numbers(known: Engine) -> None:
 
 
 def test_status_queue_filter_and_json(known: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "status", "-q", "mail", "--json", env=cli_env(BATCHJOBS_DATABASE_URL=_url(known)))
+    result = run_cli("-A", "jobapp:jobs", "status", "-q", "mail", "--json", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(known)))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert [(j["name"], j["pending"]) for j in data["jobs"]] == [("send_receipt", 2)]
-    table = run_cli("-A", "jobapp:jobs", "status", env=cli_env(BATCHJOBS_DATABASE_URL=_url(known))).stdout
+    table = run_cli("-A", "jobapp:jobs", "status", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(known))).stdout
     assert table.splitlines()[0].split() == ["JOB", "QUEUE", "PENDING", "OLDEST", "BACKOFF", "DEAD", "DONE", "1H"]
     assert "last run: started" in table and "on web-1 (pid 4242)" in table
 
@@ -127,7 +123,7 @@ def test_check_for_one_job(known: Engine) -> None:
 
 
 def test_check_exit_codes_from_the_cli(known: Engine) -> None:
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(known))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(known))
     ok = run_cli("-A", "jobapp:jobs", "check", "--max-pending", "100", env=env)
     warn = run_cli("-A", "jobapp:jobs", "check", "--max-pending", "5,100", env=env)
     crit = run_cli("-A", "jobapp:jobs", "check", "--max-dead", "0", env=env)
@@ -147,7 +143,7 @@ def test_check_exit_codes_from_the_cli(known: Engine) -> None:
     ],
 )
 def test_check_unknown(args: list[str], known: Engine) -> None:
-    env = cli_env(BATCHJOBS_DATABASE_URL=_url(known))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(known))
     result = run_cli("-A", "jobapp:jobs", *args, env=env)
     assert result.returncode == UNKNOWN, result.stdout + result.stderr
     assert result.stdout.startswith("BATCHJOBS UNKNOWN - ") and len(result.stdout.strip().splitlines()) == 1
@@ -162,7 +158,7 @@ def test_check_unknown_without_batchjobs_tables(pg_url: str) -> None:
 def test_metrics_parse_with_prometheus_client(known: Engine, tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    result = run_cli("-A", "jobapp:jobs", "metrics", env=cli_env(BATCHJOBS_DATABASE_URL=_url(known)))
+    result = run_cli("-A", "jobapp:jobs", "metrics", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(known)))
     assert result.returncode == 0, result.stderr
     samples = {
         (sample.name, sample.labels["job"]): sample.value
@@ -184,7 +180,7 @@ def test_metrics_parse_with_prometheus_client(known: Engine, tmp_path: Path) -> 
     textfiles = tmp_path / "textfiles"
     textfiles.mkdir()
     target = textfiles / "batchjobs.prom"
-    written = run_cli("-A", "jobapp:jobs", "metrics", "--textfile", str(target), env=cli_env(BATCHJOBS_DATABASE_URL=_url(known)))
+    written = run_cli("-A", "jobapp:jobs", "metrics", "--textfile", str(target), env=cli_env(BATCHJOBS_DATABASE_URL=url_of(known)))
     assert written.returncode == 0 and written.stdout == ""
     assert list(textfiles.iterdir()) == [target]  # no temporary file left behind
     assert {f.name for f in text_string_to_metric_families(target.read_text())} >= {"batchjobs_pending_rows"}
@@ -218,7 +214,7 @@ def test_run_history_records_runs_and_prunes_old_ones(engine: Engine, tmp_path: 
 def test_killed_run_shows_as_crashed_once_its_heartbeat_is_stale(engine: Engine, tmp_path: Path) -> None:
     with Session(engine) as session, session.begin():
         session.execute(insert(jobapp.Item), [{"id": i} for i in range(1, 4)])
-    env = cli_env(JOBAPP_BLOCK_ON="2", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_BLOCK_ON="2", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=env)
     wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
     with engine.connect() as conn:
@@ -235,7 +231,7 @@ def test_killed_run_shows_as_crashed_once_its_heartbeat_is_stale(engine: Engine,
 def test_interrupted_and_json_logs(engine: Engine, tmp_path: Path) -> None:
     with Session(engine) as session, session.begin():
         session.execute(insert(jobapp.Item), [{"id": i} for i in range(1, 6)])
-    env = cli_env(JOBAPP_POISON="3", BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_POISON="3", BATCHJOBS_DATABASE_URL=url_of(engine))
     result = run_cli("-A", "jobapp:jobs", "run-pending", "--log-format", "json", "-v", env=env)
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stderr.splitlines()]
@@ -246,5 +242,5 @@ def test_interrupted_and_json_logs(engine: Engine, tmp_path: Path) -> None:
     assert error["row_key"] == "3" and "ValueError: poison row 3" in error["error"]
     summary = json.loads(result.stdout)
     assert (summary["event"], summary["done"], summary["failed"]) == ("run finished", 4, 1)
-    quiet = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine), BATCHJOBS_LOG_FORMAT="json"))
+    quiet = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine), BATCHJOBS_LOG_FORMAT="json"))
     assert (quiet.stdout, quiet.stderr) == ("", "")

@@ -11,12 +11,8 @@ from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 
 import jobapp
-from conftest import cli_env, effects, run_cli, start_cli, wait_for
+from conftest import cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
-
-
-def _url(engine: Engine) -> str:
-    return engine.url.render_as_string(hide_password=False)
 
 
 def _counts(engine: Engine) -> tuple[int, int]:
@@ -30,7 +26,7 @@ def _counts(engine: Engine) -> tuple[int, int]:
 def test_four_overlapping_runs_handle_each_row_exactly_once(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 5000)
     effects_file = tmp_path / "effects.txt"
-    env = cli_env(JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=url_of(engine))
 
     runs = [start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env) for _ in range(4)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -55,7 +51,7 @@ def test_kill_9_mid_chunk_loses_nothing(engine: Engine, tmp_path: Path) -> None:
         JOBAPP_BLOCK_ON="120",
         JOBAPP_SIGNAL_DIR=str(tmp_path),
         JOBAPP_WRITE_NOTE="1",
-        BATCHJOBS_DATABASE_URL=_url(engine),
+        BATCHJOBS_DATABASE_URL=url_of(engine),
     )
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-120").exists(), "row 120 to be in progress", run)
@@ -72,7 +68,7 @@ def test_kill_9_mid_chunk_loses_nothing(engine: Engine, tmp_path: Path) -> None:
     assert done <= set(effects(effects_file))  # nothing is done without its side effect
 
     again = run_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=cli_env(
-        JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=_url(engine)))
+        JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert again.returncode == 0, again.stderr
     assert _counts(engine) == (300, 0)
     handled = Counter(effects(effects_file))
@@ -88,7 +84,7 @@ def test_sigterm_finishes_the_current_row_then_exits(engine: Engine, tmp_path: P
         JOBAPP_EFFECTS=str(effects_file),
         JOBAPP_BLOCK_ON="30",
         JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=_url(engine),
+        BATCHJOBS_DATABASE_URL=url_of(engine),
     )
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-30").exists(), "row 30 to be in progress", run)
@@ -105,13 +101,13 @@ def test_sigterm_finishes_the_current_row_then_exits(engine: Engine, tmp_path: P
 
 
 def test_idle_run_prints_nothing(engine: Engine) -> None:
-    result = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_busy_run_prints_one_summary_line(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 3)
-    result = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=_url(engine)))
+    result = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.splitlines() == [result.stdout.strip()]
     assert result.stdout.startswith("batchjobs: 3 done, 0 failed in ")
@@ -143,7 +139,7 @@ def test_claimed_rows_do_not_block_foreign_key_inserts(pg_url: str, tmp_path: Pa
 
 def test_ctrl_c_is_graceful_too(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 10)
-    env = cli_env(JOBAPP_BLOCK_ON="4", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=_url(engine))
+    env = cli_env(JOBAPP_BLOCK_ON="4", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
     wait_for(lambda: (tmp_path / "reached-4").exists(), "row 4 to be in progress", run)
     os.kill(run.pid, signal.SIGINT)

@@ -53,11 +53,29 @@ class Selection:
             low, high = (parse_key(pk, end) for end in self.id_range)
             return pk.between(low, high)
         if self.where is not None:
-            # Raw SQL by design: admins know their tables. Values are bound, never pasted in,
-            # and left untyped so the database reads '15' as a number next to an integer column.
-            binds = [bindparam(name, value, type_=NullType()) for name, value in self.params.items()]
-            return text(self.where).bindparams(*binds)  # type: ignore[return-value]
+            return self._where()
         return true()
+
+    def _where(self) -> ColumnElement[bool]:
+        """The raw SQL of ``--where``, parenthesised and with every placeholder bound.
+
+        Raw SQL by design: admins know their tables. Values are bound, never pasted in, and left
+        untyped so the database reads '15' as a number next to an integer column.
+        """
+        assert self.where is not None
+        if not self.where.strip():
+            raise BatchJobsError("--where is empty; to select every row say --all")
+        # Parentheses, so "a OR b" stays one condition next to batchjobs' own "AND ...".
+        clause = text(f"({self.where})")
+        names = set(clause._bindparams)
+        missing = sorted(names - set(self.params))
+        if missing:
+            raise BatchJobsError(f"--where uses :{', :'.join(missing)}; give a value with --param NAME=VALUE")
+        unused = sorted(set(self.params) - names)
+        if unused:
+            raise BatchJobsError(f"--param {', '.join(unused)}: --where has no :{unused[0]} placeholder")
+        binds = [bindparam(name, value, type_=NullType()) for name, value in self.params.items()]
+        return clause.bindparams(*binds)  # type: ignore[return-value]
 
 
 def parse_id_range(value: str) -> tuple[str, str]:
@@ -134,6 +152,9 @@ def apply(
     """
     if chunk_size < 1:
         raise BatchJobsError(f"chunk size must be at least 1, got {chunk_size}")
+    if lock_timeout <= 0:
+        # PostgreSQL reads a lock_timeout of 0 as "wait forever", the opposite of what it says.
+        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
     engine, dialect = prepare(engine)
     ensure_schema(engine)
     bind = dialect.claiming(engine)
@@ -173,6 +194,9 @@ def apply(
         result.rows += int(changed.rowcount or 0)
         result.failures_cleared += cleared
         result.chunks += 1
+        if cursor is not None and not keys[-1] > cursor:
+            # Keyset order must move forward; anything else would walk the same rows forever.
+            raise BatchJobsError(f"the selection did not move past key {cursor}; check --where")
         cursor = keys[-1]
         if progress is not None:
             progress(len(keys))

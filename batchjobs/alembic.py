@@ -21,6 +21,7 @@ def add_flag_column(
     existing_rows: str,
     index: bool = True,
     index_name: str | None = None,
+    primary_key: str | None = None,
 ) -> None:
     """Add a Boolean flag column (NOT NULL, server default false = pending) to ``table``.
 
@@ -31,7 +32,8 @@ def add_flag_column(
     On PostgreSQL adding a column with a constant default rewrites nothing (11+), so this is
     instant on any table size, and the index is built with ``CREATE INDEX CONCURRENTLY`` in an
     autocommit block, so the app keeps writing meanwhile. On SQLite existing rows are updated
-    in place.
+    in place. ``primary_key`` names the key column for the index; it is looked up when not
+    given, which needs a live connection (pass it for alembic's offline ``--sql`` mode).
     """
     if existing_rows not in ("done", "pending"):
         raise ValueError(f"existing_rows must be 'done' or 'pending', not {existing_rows!r}")
@@ -48,17 +50,21 @@ def add_flag_column(
             op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
     if not index:
         return
-    primary_key = sa.inspect(bind).get_pk_constraint(table)["constrained_columns"]
-    if len(primary_key) != 1:
-        raise ValueError(f"{table} needs a single-column primary key for a pending index, has {primary_key}")
+    if primary_key is None:
+        if op.get_context().as_sql:
+            raise ValueError("in offline (--sql) mode pass primary_key='id' (the table cannot be inspected)")
+        found = sa.inspect(bind).get_pk_constraint(table)["constrained_columns"]
+        if len(found) != 1:
+            raise ValueError(f"{table} needs a single-column primary key for a pending index, has {found}")
+        primary_key = found[0]
     # Same expression as pending_index(), so the claim query matches the index.
     pending = sa.column(column, sa.Boolean()) == sa.false()
     name = index_name or f"ix_{table}_{column}_pending"
     if postgresql:
         with op.get_context().autocommit_block():
-            op.create_index(name, table, primary_key, postgresql_where=pending, postgresql_concurrently=True)
+            op.create_index(name, table, [primary_key], postgresql_where=pending, postgresql_concurrently=True)
     else:
-        op.create_index(name, table, primary_key, sqlite_where=pending)
+        op.create_index(name, table, [primary_key], sqlite_where=pending)
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:

@@ -105,15 +105,22 @@ def run_check(
     problems: list[str] = []
     perfdata: list[str] = []
 
-    def judge(threshold: Threshold, value: float, what: Callable[[], str]) -> None:
+    def judge(threshold: Threshold, value: float, what: Callable[[], str], duration: bool = False) -> None:
         nonlocal code
         state = threshold.state(value)
         if state != OK:
             code = max(code, state)
             limit = threshold.crit if state == CRITICAL else threshold.warn
-            problems.append(f"{STATE_NAMES[state]}: {what()} (limit {limit:g})")
+            assert limit is not None
+            shown = format_duration(limit) if duration else f"{limit:g}"
+            problems.append(f"{STATE_NAMES[state]}: {what()} (limit {shown})")
 
     pending_total = dead_total = 0
+    if max_pending_age is not NO_LIMIT:
+        blind = sorted(name for name in chosen if registry.job(name).pending_since is None)
+        if blind:
+            # A limit that can never trip would be a silent OK: say the check cannot tell.
+            return CheckResult(UNKNOWN, "", [f"--max-pending-age needs pending_since= on {', '.join(blind)}"], [])
     for job in (j for j in current.jobs if j.name in chosen):
         pending_total += job.pending
         dead_total += job.dead
@@ -121,7 +128,7 @@ def run_check(
         perfdata.append(f"'{job.name}_pending'={max_pending.perf(job.pending)}")
         if job.oldest_pending_age is not None:
             age = job.oldest_pending_age
-            judge(max_pending_age, age, lambda: f"{job.name}'s oldest pending row waits {format_duration(age)}")
+            judge(max_pending_age, age, lambda: f"{job.name}'s oldest pending row waits {format_duration(age)}", True)
             perfdata.append(f"'{job.name}_oldest_pending_age'={max_pending_age.perf(round(age), 's')}")
         judge(max_dead, job.dead, lambda: f"{job.name} has {job.dead} dead")
         perfdata.append(f"'{job.name}_dead'={max_dead.perf(job.dead)}")
@@ -136,7 +143,7 @@ def run_check(
     else:
         since = max((now - latest.started_at).total_seconds(), 0.0)
         last = f"last run {format_duration(since)} ago ({latest.outcome})"
-        judge(max_since_last_run, since, lambda: f"last run started {format_duration(since)} ago")
+        judge(max_since_last_run, since, lambda: f"last run started {format_duration(since)} ago", True)
         perfdata.append(f"since_last_run={max_since_last_run.perf(round(since), 's')}")
     summary = f"{len(chosen)} job(s): {pending_total} pending, {dead_total} dead, {last}"
     return CheckResult(code=code, summary=summary, problems=problems, perfdata=perfdata)

@@ -632,9 +632,10 @@ def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> Non
         click.echo("last run: none recorded yet")
     else:
         run = current.last_run
+        took = "so far (counts refresh every few seconds)" if run.outcome == "running" else f"in {format_duration(run.seconds)}"
         click.echo(
             f"last run: started {_age((now - run.started_at).total_seconds())} ago on {run.host} (pid {run.pid}), "
-            f"{run.outcome}, {run.rows_done} done, {run.rows_failed} failed in {format_duration(run.seconds)}"
+            f"{run.outcome}, {run.rows_done} done, {run.rows_failed} failed {took}"
         )
     alive = ", ".join(f"{r.host} pid {r.pid} for {_age((now - r.started_at).total_seconds())}" for r in current.alive)
     click.echo(f"running now: {alive or 'none'}")

@@ -48,6 +48,8 @@ def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ``***``, safe for logs and error messages."""
     try:
         parsed = make_url(url)
+        if "password" in parsed.query:  # libpq also takes the password as a query parameter
+            parsed = parsed.update_query_dict({"password": "***"})
         if parsed.host is None or "@" not in parsed.host:
             return parsed.render_as_string(hide_password=True)
     except (ArgumentError, ValueError):

@@ -66,4 +66,7 @@ def render(metrics: Any) -> str:
 
 def write_textfile(metrics: Any, path: Path) -> None:
     """Write atomically (temporary file, then rename), as node_exporter's textfile collector needs."""
-    _prometheus().write_to_textfile(str(path), metrics)
+    try:
+        _prometheus().write_to_textfile(str(path), metrics)
+    except OSError as exc:
+        raise BatchJobsError(f"cannot write {path}: {exc.strerror}") from None

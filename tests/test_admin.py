@@ -181,3 +181,32 @@ def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_url: str) -> None:
         holder.close()
     assert result.rows == 5
     engine.dispose()
+
+
+def test_where_with_or_is_one_condition(engine: Engine) -> None:
+    """The admin's SQL is parenthesised: "a OR b" must not swallow batchjobs' own conditions."""
+    add_items(engine, 5)
+    apply(engine, JOB, Selection(keys=("1",)), "mark-done")
+    assert preview(engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done").sample == ["3"]
+    assert apply(engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done", chunk_size=1).rows == 1
+    assert _done(engine) == [1, 3]
+    assert apply(engine, JOB, Selection(where="id = 4 OR id = 1"), "requeue").rows == 1
+    assert _done(engine) == [3]
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        (Selection(where="id > :a"), "--where uses :a; give a value with --param NAME=VALUE"),
+        (Selection(where="id > :a", params={"a": "1", "b": "2"}), "--param b: --where has no :b placeholder"),
+        (Selection(where="  "), "--where is empty"),
+    ],
+)
+def test_where_checks(engine: Engine, selection: Selection, message: str) -> None:
+    with pytest.raises(BatchJobsError, match=message):
+        preview(engine, JOB, selection, "mark-done")
+
+
+def test_lock_timeout_must_be_positive(engine: Engine) -> None:
+    with pytest.raises(BatchJobsError, match="more than 0"):
+        apply(engine, JOB, Selection(everything=True), "mark-done", lock_timeout=0)

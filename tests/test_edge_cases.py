@@ -239,3 +239,22 @@ def test_usage_errors_are_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         result.stderr.strip()
     ] and "see 'batchjobs run-pending --help'" in result.stderr
+
+
+def test_password_in_the_query_string_is_masked() -> None:
+    from batchjobs.db import mask_url
+
+    masked = mask_url("postgresql://app@127.0.0.1:1/db?password=s3cr3tpw&application_name=x")
+    assert masked == "postgresql://app@127.0.0.1:1/db?application_name=x&password=%2A%2A%2A"
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "postgresql://app@127.0.0.1:1/db?password=s3cr3tpw", "status")
+    assert result.returncode == 1 and "s3cr3tpw" not in result.stderr + result.stdout
+
+
+def test_metrics_textfile_in_a_missing_folder(tmp_path: Path, sqlite_url: str) -> None:
+    from batchjobs.db import create_engine
+
+    engine = create_engine(sqlite_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    result = run_cli("-A", "jobapp:jobs", "--database-url", sqlite_url, "metrics", "--textfile", str(tmp_path / "no" / "x.prom"))
+    assert result.returncode == 1 and result.stderr.startswith("Error: cannot write") and "Traceback" not in result.stderr

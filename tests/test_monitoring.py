@@ -90,9 +90,8 @@ def test_status_queue_filter_and_json(known: Engine) -> None:
         ({"max_pending": "5,10"}, WARNING, "WARNING: process_item has 7 pending (limit 5)"),
         ({"max_pending": "1,5"}, CRITICAL, "CRITICAL: process_item has 7 pending (limit 5)"),
         ({"max_dead": "0"}, CRITICAL, "CRITICAL: process_item has 1 dead (limit 0)"),
-        ({"max_pending_age": "20m,1h"}, WARNING, "WARNING: process_item's oldest pending row waits 29m00s (limit 1200)"),
-        ({"max_since_last_run": "10s,1m"}, WARNING, "WARNING: last run started 30s ago (limit 10)"),
-        ({"max_since_last_run": "5s,10s"}, CRITICAL, "CRITICAL: last run started 30s ago (limit 10)"),
+        ({"max_since_last_run": "10s,1m"}, WARNING, "WARNING: last run started 30s ago (limit 10s)"),
+        ({"max_since_last_run": "5s,10s"}, CRITICAL, "CRITICAL: last run started 30s ago (limit 10s)"),
     ],
 )
 def test_check_thresholds(known: Engine, limits: dict[str, str], code: int, problem: str | None) -> None:
@@ -113,6 +112,17 @@ def test_check_thresholds(known: Engine, limits: dict[str, str], code: int, prob
     perfdata = line.split(" | ")[1].split()
     assert "'process_item_pending'=7" in " ".join(perfdata)
     assert "'process_item_oldest_pending_age'=1740s" in " ".join(perfdata)
+
+
+def test_check_pending_age(known: Engine) -> None:
+    limit = Threshold.parse("20m,1h", "--max-pending-age", duration=True)
+    with known.connect() as conn:
+        result = run_check(conn, jobapp.jobs, jobs=["process_item"], max_pending_age=limit, now=NOW)
+        blind = run_check(conn, jobapp.jobs, max_pending_age=limit, now=NOW)
+    assert result.code == WARNING
+    assert "WARNING: process_item's oldest pending row waits 29m00s (limit 20m00s)" in result.line()
+    # send_receipt has no pending_since: the check cannot judge it, and says so.
+    assert blind.code == UNKNOWN and "needs pending_since= on make_thumbnails, send_receipt" in blind.line()
 
 
 def test_check_for_one_job(known: Engine) -> None:

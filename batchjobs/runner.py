@@ -4,9 +4,9 @@ One chunk is one transaction: claim up to ``batch_size`` pending rows (locked), 
 each while the rows stay locked, then mark the successful rows done with one UPDATE, write failure
 records, and commit. A crash at any point rolls the chunk back and its rows are pending again.
 
-Each row's handler runs inside a SAVEPOINT that SQLAlchemy only emits when the handler actually
-touches the database, so a handler that sends an email or calls an API costs no round trip per
-row, while one that writes and then raises has its writes undone without hurting its neighbours.
+Handlers run inside savepoints (see :class:`_Handler`) that cost nothing until a handler touches
+the database, so a handler that sends an email or calls an API costs no round trip per row,
+while one that writes and then raises has its writes undone without hurting its neighbours.
 """
 
 from __future__ import annotations

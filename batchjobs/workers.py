@@ -50,10 +50,11 @@ def run_concurrently(
         raise BatchJobsError(f"concurrency must be at least 1, got {concurrency}")
     if pool not in POOLS:
         raise BatchJobsError(f"unknown pool {pool!r} (use one of: {', '.join(POOLS)})")
-    registry.select(jobs=jobs, queues=queues)  # unknown names fail here, once, not in every worker
+    # Unknown job or queue names fail here, once, not in every worker.
+    selected = registry.select(jobs=jobs, queues=queues)
     engine, _ = prepare(engine)
     stop = stop if stop is not None else StopRequest()
-    total = RunSummary(jobs={job.name: JobStats() for job in registry.select(jobs=jobs, queues=queues)})
+    total = RunSummary(jobs={job.name: JobStats() for job in selected})
     work = dict(jobs=jobs, queues=queues, record=False, **options)
     if pool == "thread":
         _run_threads(registry, engine, concurrency, stop, work, total)

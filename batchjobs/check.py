@@ -6,7 +6,7 @@ One line of text, performance data after ``|``, and the exit status says it all:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -105,7 +105,7 @@ def run_check(
     problems: list[str] = []
     perfdata: list[str] = []
 
-    def judge(threshold: Threshold, value: float, what: Callable[[], str], duration: bool = False) -> None:
+    def judge(threshold: Threshold, value: float, what: str, duration: bool = False) -> None:
         nonlocal code
         state = threshold.state(value)
         if state != OK:
@@ -113,7 +113,7 @@ def run_check(
             limit = threshold.crit if state == CRITICAL else threshold.warn
             assert limit is not None
             shown = format_duration(limit) if duration else f"{limit:g}"
-            problems.append(f"{STATE_NAMES[state]}: {what()} (limit {shown})")
+            problems.append(f"{STATE_NAMES[state]}: {what} (limit {shown})")
 
     pending_total = dead_total = 0
     if max_pending_age is not NO_LIMIT:
@@ -124,13 +124,13 @@ def run_check(
     for job in (j for j in current.jobs if j.name in chosen):
         pending_total += job.pending
         dead_total += job.dead
-        judge(max_pending, job.pending, lambda: f"{job.name} has {job.pending} pending")
+        judge(max_pending, job.pending, f"{job.name} has {job.pending} pending")
         perfdata.append(f"'{job.name}_pending'={max_pending.perf(job.pending)}")
         if job.oldest_pending_age is not None:
             age = job.oldest_pending_age
-            judge(max_pending_age, age, lambda: f"{job.name}'s oldest pending row waits {format_duration(age)}", True)
+            judge(max_pending_age, age, f"{job.name}'s oldest pending row waits {format_duration(age)}", True)
             perfdata.append(f"'{job.name}_oldest_pending_age'={max_pending_age.perf(round(age), 's')}")
-        judge(max_dead, job.dead, lambda: f"{job.name} has {job.dead} dead")
+        judge(max_dead, job.dead, f"{job.name} has {job.dead} dead")
         perfdata.append(f"'{job.name}_dead'={max_dead.perf(job.dead)}")
         perfdata.append(f"'{job.name}_backoff'={NO_LIMIT.perf(job.backoff)}")
 
@@ -143,7 +143,7 @@ def run_check(
     else:
         since = max((now - latest.started_at).total_seconds(), 0.0)
         last = f"last run {format_duration(since)} ago ({latest.outcome})"
-        judge(max_since_last_run, since, lambda: f"last run started {format_duration(since)} ago", True)
+        judge(max_since_last_run, since, f"last run started {format_duration(since)} ago", True)
         perfdata.append(f"since_last_run={max_since_last_run.perf(round(since), 's')}")
     summary = f"{len(chosen)} job(s): {pending_total} pending, {dead_total} dead, {last}"
     return CheckResult(code=code, summary=summary, problems=problems, perfdata=perfdata)

@@ -74,16 +74,26 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    """An engine on a database holding the test app's tables and batchjobs' own."""
-    engine = create_engine(db_url)
+def _app_engine(url: str) -> Iterator[Engine]:
+    engine = create_engine(url)
     jobapp.Base.metadata.create_all(engine)
     migrate(engine)
     try:
         yield engine
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on a database holding the test app's tables and batchjobs' own."""
+    yield from _app_engine(db_url)
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[Engine]:
+    """The same on PostgreSQL only, for what only PostgreSQL has (row locks, EXPLAIN, pg_sleep)."""
+    yield from _app_engine(pg_url)
 
 
 @pytest.fixture

@@ -129,18 +129,13 @@ def test_cli_errors(engine: Engine, args: list[str], message: str) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
 
 
-def test_app_keeps_writing_during_mark_done(pg_url: str) -> None:
+def test_app_keeps_writing_during_mark_done(pg_engine: Engine) -> None:
     """Each chunk is its own short transaction: app writes never wait long for row locks."""
-    from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
-
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
+    engine = pg_engine
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', false FROM generate_series(1, 200000) g"))
     mark = start_cli("-A", "jobapp:jobs", "mark-done", "process_item", "--all", "--yes", "--chunk-size", "2000",
-                     env=cli_env(BATCHJOBS_DATABASE_URL=pg_url))
+                     env=cli_env(BATCHJOBS_DATABASE_URL=url_of(engine)))
     writes = 0
     progress_seen: set[int] = set()
     # The app updates rows all over the table, with a lock timeout a whole-table lock would trip.
@@ -158,17 +153,11 @@ def test_app_keeps_writing_during_mark_done(pg_url: str) -> None:
     assert "200,000 rows marked done in 100 chunk(s)" in out
     assert writes > 0
     assert any(0 < n < 200000 for n in progress_seen), "the app saw chunks commit one by one"
-    engine.dispose()
 
 
-def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_url: str) -> None:
+def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_engine: Engine) -> None:
     """A row held by a run is waited for (briefly), not skipped and not failed."""
-    from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
-
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
+    engine = pg_engine
     add_items(engine, 5)
     holder = engine.connect()
     holder.execute(text("SELECT id FROM items WHERE id = 3 FOR NO KEY UPDATE"))
@@ -180,7 +169,6 @@ def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_url: str) -> None:
         released.join()
         holder.close()
     assert result.rows == 5
-    engine.dispose()
 
 
 def test_where_with_or_is_one_condition(engine: Engine) -> None:

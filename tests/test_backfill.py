@@ -155,14 +155,9 @@ def _peak_rss_kib(*args: str, env: dict[str, str]) -> int:
     return usage.ru_maxrss
 
 
-def test_memory_stays_flat_as_the_table_grows(pg_url: str) -> None:
-    from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
-
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
-    env = cli_env(BATCHJOBS_DATABASE_URL=pg_url)
+def test_memory_stays_flat_as_the_table_grows(pg_engine: Engine) -> None:
+    engine = pg_engine
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
     peaks = {}
     for rows in (20_000, 200_000):
         with engine.begin() as conn:
@@ -170,6 +165,5 @@ def test_memory_stays_flat_as_the_table_grows(pg_url: str) -> None:
             conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', true FROM generate_series(1, :n) g"), {"n": rows})
         peaks[rows] = _peak_rss_kib("-A", "jobapp:jobs", "backfill", "fill_notes", "--restart", env=env)
         assert _unfilled(engine) == 0
-    engine.dispose()
     # Ten times the rows, the same memory: within 8 MiB (one chunk is 100 rows).
     assert peaks[200_000] - peaks[20_000] < 8 * 1024, peaks

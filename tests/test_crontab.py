@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,12 +54,8 @@ def pending(engine: Engine) -> dict[str, int]:
 
 
 @pytest.fixture
-def app_engine(pg_url: str) -> Iterator[Engine]:
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
-    yield engine
-    engine.dispose()
+def app_engine(pg_engine: Engine) -> Engine:
+    return pg_engine
 
 
 def in_tmp(tmp_path: Path, **options: str) -> str:

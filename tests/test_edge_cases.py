@@ -26,12 +26,8 @@ def _failure(engine: Engine, job: str, key: str) -> Failure | None:
         return session.get(Failure, (job, key))
 
 
-def test_timeout_during_a_database_call_cancels_only_that_row(pg_url: str, tmp_path: Path) -> None:
-    from batchjobs.db import create_engine
-
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
+def test_timeout_during_a_database_call_cancels_only_that_row(pg_engine: Engine) -> None:
+    engine = pg_engine
     registry = Registry()
     calls: list[int] = []
 
@@ -56,7 +52,6 @@ def test_timeout_during_a_database_call_cancels_only_that_row(pg_url: str, tmp_p
         failure = _failure(engine, "slow_query", key)
         assert failure is not None and failure.error_type == "batchjobs.runner.JobTimeout"
     assert [k for k, done in processed(engine).items() if not done] == [2, 4]
-    engine.dispose()
 
 
 def test_a_handler_cannot_swallow_its_timeout(engine: Engine) -> None:

@@ -77,17 +77,13 @@ def test_pending_count_uses_the_partial_index(engine: Engine) -> None:
         assert pending_count(conn, job) == 10
 
 
-def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_url: str) -> None:
+def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_engine: Engine) -> None:
     """status and check count pending rows and find the oldest one: O(pending), not O(table)."""
     from sqlalchemy import func, select
 
-    from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
     from batchjobs.monitoring import status
 
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
+    engine = pg_engine
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', g % 100000 <> 0 FROM generate_series(1, 1000000) g"))
     with engine.connect() as conn:
@@ -101,4 +97,3 @@ def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_url: str) ->
     with engine.connect() as conn:
         [item] = [j for j in status(conn, jobapp.jobs).jobs if j.name == "process_item"]
     assert item.pending == 10
-    engine.dispose()

@@ -113,16 +113,11 @@ def test_busy_run_prints_one_summary_line(engine: Engine, tmp_path: Path) -> Non
     assert result.stdout.startswith("batchjobs: 3 done, 0 failed in ")
 
 
-def test_claimed_rows_do_not_block_foreign_key_inserts(pg_url: str, tmp_path: Path) -> None:
+def test_claimed_rows_do_not_block_foreign_key_inserts(pg_engine: Engine, tmp_path: Path) -> None:
     """FOR NO KEY UPDATE: the app can insert rows referencing a claimed row meanwhile."""
-    from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
-
-    engine = create_engine(pg_url)
-    jobapp.Base.metadata.create_all(engine)
-    migrate(engine)
+    engine = pg_engine
     add_items(engine, 5)
-    env = cli_env(JOBAPP_BLOCK_ON="1", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=pg_url)
+    env = cli_env(JOBAPP_BLOCK_ON="1", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
     try:
         wait_for(lambda: (tmp_path / "reached-1").exists(), "row 1 to be claimed", run)
@@ -133,7 +128,6 @@ def test_claimed_rows_do_not_block_foreign_key_inserts(pg_url: str, tmp_path: Pa
     finally:
         (tmp_path / "release-1").touch()
         run.communicate(timeout=60)
-        engine.dispose()
     assert run.returncode == 0
 
 

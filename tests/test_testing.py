@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
 import jobapp

@@ -144,7 +144,7 @@ def test_concurrent_runners_count_each_real_attempt_once(engine: Engine, tmp_pat
         JOBAPP_POISON=",".join(map(str, poison)),
         BATCHJOBS_DATABASE_URL=url_of(engine),
     )
-    for round_number in (1, 2):
+    for _round in range(2):
         runs = [start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=env) for _ in range(4)]
         for run in runs:
             _, err = run.communicate(timeout=300)

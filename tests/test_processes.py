@@ -31,7 +31,7 @@ def test_four_overlapping_runs_handle_each_row_exactly_once(engine: Engine, tmp_
     runs = [start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env) for _ in range(4)]
     outputs = [run.communicate(timeout=300) for run in runs]
 
-    for run, (out, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs):
         assert run.returncode == 0, err
         assert "Traceback" not in err
     handled = Counter(effects(effects_file))

@@ -458,6 +458,7 @@ def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]
     if opts["params"] and opts["where"] is None:
         raise BatchJobsError("--param only goes with --where")
     engine = state.engine()
+    # apply() checks this too, but only after the preview and the confirmation prompt.
     ensure_schema(engine)
     verb = "marked done" if action == "mark-done" else "requeued"
     planned = preview(engine, job, selection, action)

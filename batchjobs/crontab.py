@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from dataclasses import dataclass
 
 from batchjobs.durations import parse_duration
 from batchjobs.errors import BatchJobsError
@@ -72,24 +73,15 @@ def render_schedule(
     return schedule.cron() if format == "cron" else schedule.systemd()
 
 
+@dataclass(frozen=True)
 class _Schedule:
-    def __init__(
-        self,
-        registry: Registry,
-        app: str,
-        python: str | None,
-        workdir: str | None,
-        log: str | None,
-        env_name: str,
-        max_runtime: str,
-    ) -> None:
-        self.registry = registry
-        self.app = app
-        self.python = python
-        self.workdir = workdir
-        self.log = log
-        self.env_name = env_name
-        self.max_runtime = max_runtime
+    registry: Registry
+    app: str
+    python: str | None
+    workdir: str | None
+    log: str | None
+    env_name: str
+    max_runtime: str
 
     def _program(self) -> list[str]:
         return [self.python, "-m", "batchjobs"] if self.python else ["batchjobs"]

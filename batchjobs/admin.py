@@ -178,7 +178,9 @@ def apply(
                     if not rows:
                         return result
                     keys = [key for key, _ in rows]
-                    changed = session.execute(update(job.table).where(dialect.key_in(pk, keys), changes).values(values))
+                    changed = session.execute(
+                        update(job.table).where(dialect.key_in(pk, "keys"), changes).values(values), {"keys": dialect.key_list(keys)}
+                    )
                     cleared = clear_failures(session, dialect, job, [row_key for _, row_key in rows])
                 break
             except DBAPIError as exc:

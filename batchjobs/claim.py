@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections import namedtuple
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import Integer, Select, String, and_, bindparam, cast, literal, or_, select, update
+from sqlalchemy import Integer, Select, String, and_, bindparam, cast, or_, select, true, update
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import Dialect
 from batchjobs.registry import FlagJob
 from batchjobs.schema import Failure, UTCDateTime
+
+#: Label of the row key the claim computes beside each row.
+ROW_KEY = "batchjobs_row_key"
 
 
 def row_key_sql(job: FlagJob) -> Any:
@@ -33,52 +38,84 @@ def _held_back() -> Any:
 def claim_statement(job: FlagJob, dialect: Dialect) -> Select[Any]:
     """Select up to ``:limit`` pending rows that are not held back, locked for this transaction.
 
-    Rows come as (model instance, row key). The key is computed by the database, the same
-    expression the failure lookups use, so both agree for every key type (a UUID is text with
-    hyphens on PostgreSQL, 32 hex digits on SQLite). Execute with ``now``, ``run_started`` and
-    ``limit``.
+    Rows come as the job's model instance (or its ``columns``) followed by the row key. The key
+    is computed by the database, the same expression the failure lookups use, so both agree for
+    every key type (a UUID is text with hyphens on PostgreSQL, 32 hex digits on SQLite). Execute
+    with ``now``, ``run_started`` and ``limit``.
 
     The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
     anti-join, and a hash anti-join loses the index order, so with stale statistics it would
     sort every pending row on every claim. A scalar subquery is looked up per row through the
     failure table's primary key while the partial pending index is walked in key order, and the
     walk stops after ``limit`` rows: O(pending + failing) at worst, never O(table).
+
+    It is tested with IS NOT TRUE, not IS NULL: the planner guesses that IS NULL on a subquery
+    keeps 0.5% of rows, so it would expect to walk the whole pending index to find ``limit``
+    rows, and past ``jit_above_cost`` it JIT-compiles every claim (milliseconds each). IS NOT TRUE
+    gets the neutral guess of one half, which keeps the estimate near the real cost.
     """
     of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-    held_back = select(literal(1)).where(of_this_row, _held_back()).limit(1).scalar_subquery()
+    held_back = select(true()).where(of_this_row, _held_back()).limit(1).scalar_subquery()
+    # Table columns, not mapped attributes, for plain rows: the ORM stays out of that path.
+    loaded = list(job.columns) if job.columns else [job.model]
     stmt = (
         # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
         # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
-        select(job.model, row_key_sql(job).label("batchjobs_row_key"))
-        .where(job.pending(), held_back.is_(None))
+        select(*loaded, row_key_sql(job).label(ROW_KEY))
+        .where(job.pending(), held_back.is_not(true()))
         .order_by(job.primary_key)
         .limit(bindparam("limit", type_=Integer()))
     )
     return dialect.lock_for_claim(stmt, job.table)
 
 
-def failure_states(
-    session: Session, dialect: Dialect, job: FlagJob, keys: Sequence[str], now: datetime, run_started: datetime
-) -> dict[str, tuple[int, bool]]:
-    """For claimed rows that have a failure record: row key -> (attempts so far, held back).
+class ChunkStatements:
+    """One job's chunk statements, built once per run and executed with each chunk's values.
 
-    Run right after the claim, as its own statement: under READ COMMITTED it sees every failure
-    committed before this transaction got the row locks, including one recorded by another runner
-    after the claim's snapshot was taken. Skipping rows held back here means a row is never
-    attempted twice by overlapping runs before its backoff has passed.
+    Building a statement and its cache key costs more than handling a small chunk of rows, so
+    every value that changes between chunks is a bound parameter.
     """
-    if not keys:
-        return {}
-    rows = session.execute(
-        select(Failure.row_key, Failure.attempts, _held_back()).where(
-            Failure.job == job.name, dialect.key_in(Failure.row_key, keys)
-        ),
-        {"now": now, "run_started": run_started},
-    )
-    return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
+    def __init__(self, job: FlagJob, dialect: Dialect) -> None:
+        self.job = job
+        self.dialect = dialect
+        self.claim = claim_statement(job, dialect)
+        self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
+            Failure.job == job.name, dialect.key_in(Failure.row_key, "keys")
+        )
+        done = job.done_values(datetime.now())
+        self.mark = (
+            update(job.table)
+            .where(dialect.key_in(job.primary_key, "keys"))
+            .values({name: bindparam(f"done_{name}", type_=job.table.c[name].type) for name in done})
+        )
+        # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
+        self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
 
-def mark_done(session: Session, dialect: Dialect, job: FlagJob, keys: Sequence[Any], now: datetime) -> None:
-    """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
-    if keys:
-        session.execute(update(job.table).where(dialect.key_in(job.primary_key, keys)).values(job.done_values(now)))
+    def claim_rows(self, session: Session, now: datetime, run_started: datetime, limit: int) -> list[tuple[Any, str]]:
+        """Lock up to ``limit`` pending rows: (row for the handler, row key) pairs, in key order."""
+        params = {"now": now, "run_started": run_started, "limit": limit}
+        if self.record is None:
+            return [(row, key) for row, key in session.execute(self.claim, params).all()]
+        make = self.record._make
+        return [(make(values[:-1]), values[-1]) for values in session.connection().execute(self.claim, params).all()]
+
+    def failure_states(
+        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime
+    ) -> dict[str, tuple[int, bool]]:
+        """For claimed rows that have a failure record: row key -> (attempts so far, held back).
+
+        Run right after the claim, as its own statement: under READ COMMITTED it sees every failure
+        committed before this transaction got the row locks, including one recorded by another
+        runner after the claim's snapshot was taken. Skipping rows held back here means a row is
+        never attempted twice by overlapping runs before its backoff has passed.
+        """
+        params = {"keys": self.dialect.key_list(keys), "now": now, "run_started": run_started}
+        rows = connection.execute(self.failures, params)
+        return {key: (attempts, bool(held)) for key, attempts, held in rows}
+
+    def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
+        """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
+        if keys:
+            done = {f"done_{name}": value for name, value in self.job.done_values(now).items()}
+            connection.execute(self.mark, {"keys": self.dialect.key_list(keys), **done})

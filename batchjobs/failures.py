@@ -129,7 +129,9 @@ def clear_failures(session: Session | Connection, dialect: Dialect, job: FlagJob
     """Forget the failure records of these rows (after a success, a retry or a requeue)."""
     if not row_keys:
         return 0
-    result = session.execute(delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key, row_keys)))
+    result = session.execute(
+        delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key, "keys")), {"keys": dialect.key_list(row_keys)}
+    )
     return int(getattr(result, "rowcount", 0) or 0)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, true
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
 
@@ -136,6 +136,8 @@ class FlagJob(_KeyedModel):
     timeout: float | None = None
     pending_since: Column[Any] | None = None
     wants_context: bool = False
+    #: With ``columns=``: the columns handlers get as plain rows; empty for ORM instances.
+    columns: tuple[Column[Any], ...] = ()
 
     @property
     def table(self) -> Table:
@@ -148,10 +150,16 @@ class FlagJob(_KeyedModel):
         condition = pending_condition(self.flag)
         return condition if self.where is None else condition & self.where
 
+    @property
+    def fields(self) -> list[str]:
+        """The attribute names of ``columns``: the fields of the plain rows handlers get."""
+        mapper: Mapper[Any] = inspect(self.model)
+        return [mapper.get_property_by_column(column).key for column in self.columns]
+
     def done_values(self, now: datetime) -> dict[str, Any]:
         """Column values that mark a row done."""
         values: dict[str, Any] = {
-            self.flag.name: true() if isinstance(self.flag.type, Boolean) else _for_column(self.flag, now)
+            self.flag.name: True if isinstance(self.flag.type, Boolean) else _for_column(self.flag, now)
         }
         if self.done_at is not None:
             values[self.done_at.name] = _for_column(self.done_at, now)
@@ -193,6 +201,24 @@ def _for_column(column: Column[Any], now: datetime) -> datetime:
     # A naive column gets naive UTC, so the value means the same on every server time zone.
     timezone_aware = isinstance(column.type, DateTime) and column.type.timezone
     return now if timezone_aware else now.replace(tzinfo=None)
+
+
+def _plain_columns(model: type, attributes: Sequence[InstrumentedAttribute[Any]]) -> tuple[Column[Any], ...]:
+    """The columns for ``columns=``, primary key first, checked to belong to the job's model."""
+    if not attributes:
+        return ()
+    mapper: Mapper[Any] = inspect(model)
+    table = mapper.local_table
+    loaded = [next(iter(table.primary_key.columns))]
+    for attribute in attributes:
+        column = _column(attribute)
+        if column.table is not table:
+            raise BatchJobsError(f"columns= may only name columns of {table.name}, not {column.table.name}.{column.name}")
+        if mapper.get_property_by_column(column).key.startswith("_"):
+            raise BatchJobsError(f"columns= cannot hand over {attribute!r}: plain row fields may not start with '_'")
+        if column not in loaded:
+            loaded.append(column)
+    return tuple(loaded)
 
 
 def _wants_context(handler: Handler) -> bool:
@@ -237,6 +263,7 @@ class Registry:
         backoff: Callable[[int], float] | None = None,
         timeout: float | None = None,
         pending_since: InstrumentedAttribute[Any] | None = None,
+        columns: Sequence[InstrumentedAttribute[Any]] = (),
     ) -> Callable[[Handler], Handler]:
         """Register the decorated function as the handler for rows whose ``flag`` is pending.
 
@@ -246,6 +273,11 @@ class Registry:
 
         ``pending_since`` names a timestamp column telling since when a row waits (usually
         ``created_at``); with it, `status`, `check` and `metrics` report the oldest pending age.
+
+        ``columns`` hands the handler plain, read-only rows (named tuples) holding just these
+        columns and the primary key, instead of ORM instances: about twice the throughput for
+        handlers that call out (email, HTTP) and don't write through the row, and no loading of
+        wide columns the handler does not read. Such a handler writes through ``ctx.session``.
         """
         column = _column(flag)
         pending_condition(column)  # validates the column type early
@@ -269,6 +301,7 @@ class Registry:
         for name_, extra in (("done_at", done_at), ("pending_since", pending_since)):
             if extra is not None and not isinstance(_column(extra).type, DateTime):
                 raise BatchJobsError(f"{name_}= must be a DateTime column, not {_column(extra).type}")
+        loaded = _plain_columns(model, columns)
         if batch_size < 1:
             raise BatchJobsError(f"batch_size must be at least 1, got {batch_size}")
         if max_attempts < 1:
@@ -295,6 +328,7 @@ class Registry:
                 timeout=timeout,
                 pending_since=_column(pending_since) if pending_since is not None else None,
                 wants_context=_wants_context(handler),
+                columns=loaded,
             )
             return handler
 

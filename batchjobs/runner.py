@@ -22,10 +22,10 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import Session
 
-from batchjobs.claim import claim_statement, failure_states, mark_done
+from batchjobs.claim import ChunkStatements
 from batchjobs.db import ensure_schema, prepare
 from batchjobs.dialects import Dialect
 from batchjobs.durations import format_duration
@@ -176,6 +176,8 @@ def run_pending(
     started = time.monotonic()
     deadline = started + max_runtime if max_runtime is not None else None
     run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock, raise_errors)
+    # The claiming engine is this run's own copy: the counter sees this run's statements only.
+    event.listen(run.bind, "before_cursor_execute", run.executed)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
     with record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext():
         active = list(selected)
@@ -212,7 +214,8 @@ class _Run:
     deadline: float | None
     clock: Callable[[], datetime]
     raise_errors: bool = False
-    claims: dict[str, Any] = field(default_factory=dict)
+    statements: dict[str, ChunkStatements] = field(default_factory=dict)
+    executed: _StatementCounter = field(default_factory=lambda: _StatementCounter())
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:
@@ -222,27 +225,28 @@ class _Run:
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         pk_attr = job.primary_key_attr
-        if job.name not in self.claims:
-            self.claims[job.name] = claim_statement(job, self.dialect)
+        if job.name not in self.statements:
+            self.statements[job.name] = ChunkStatements(job, self.dialect)
+        statements = self.statements[job.name]
         with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
             now = self.clock()
-            params = {"now": now, "run_started": self.run_started, "limit": limit}
-            claimed = session.execute(self.claims[job.name], params).all()
+            claimed = statements.claim_rows(session, now, self.run_started, limit)
             if not claimed:
                 return 0
+            connection = session.connection()
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
             pks = {row_key: getattr(row, pk_attr) for row, row_key in claimed}
-            states = failure_states(session, self.dialect, job, list(pks), now, self.run_started)
+            states = statements.failure_states(connection, list(pks), now, self.run_started)
             attempts = {row_key: count for row_key, (count, _) in states.items()}
             held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
             work = [(row_key, row) for row, row_key in claimed if row_key not in held_back]
             ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
-            handler = _Handler(self.dialect, session)
+            handler = _Handler(self.dialect, job, session, connection, self.executed)
             done: list[str] = []
             failures: list[RowFailure] = []
             if job.batch:
-                error = handler.call(job, [row for _, row in work], ctx) if work else None
+                error = handler.call([row for _, row in work], ctx) if work else None
                 if error is None:
                     done = [key for key, _ in work]
                 else:
@@ -256,7 +260,7 @@ class _Run:
                     row_started = time.monotonic()
                     if index and (row_started >= commit_by or self.should_stop(row_started)):
                         break
-                    error = handler.call(job, row, ctx)
+                    error = handler.call(row, ctx)
                     if error is None:
                         done.append(key)
                     else:
@@ -265,7 +269,7 @@ class _Run:
                         _log_row(job, key, time.monotonic() - row_started, error)
             handler.finish()
             now = self.clock()
-            mark_done(session, self.dialect, job, [pks[key] for key in done], now)
+            statements.mark_done(connection, [pks[key] for key in done], now)
             clear_failures(session, self.dialect, job, [key for key in done if key in states])
             record_failures(session, self.dialect, job, failures, now)
             session.commit()
@@ -306,23 +310,27 @@ class _Handler:
     share one nested transaction for as long as they leave the database and the session alone;
     the first one that touches either gets its changes released (or, if it fails, rolled back)
     right after it returns. A failure therefore never undoes an earlier row's writes, and a
-    chunk of handlers that do not write costs no savepoint at all.
+    chunk of handlers that do not write costs no savepoint at all. Handlers of plain rows
+    (``columns=``) that take no ctx cannot reach the chunk's transaction and skip all of this.
     """
 
-    def __init__(self, dialect: Dialect, session: _ChunkSession) -> None:
+    def __init__(
+        self, dialect: Dialect, job: FlagJob, session: _ChunkSession, connection: Connection, statements: _StatementCounter
+    ) -> None:
         self.dialect = dialect
+        self.job = job
         self.session = session
-        # The chunk's connection exists already (the claim ran on it); asking for it emits nothing.
-        connection = session.connection()
         self.dbapi_connection = connection.connection.dbapi_connection
-        self.statements = _StatementCounter()
-        event.listen(connection, "before_cursor_execute", self.statements)
+        self.statements = statements
         self.savepoint: Any = None
+        # A handler of plain rows that takes no ctx has no way into the chunk's transaction (its
+        # rows are tuples; a session of its own is another connection), so it needs no savepoint.
+        self.guarded = job.wants_context or not job.columns
 
-    def call(self, job: FlagJob, rows: Any, ctx: JobContext) -> BaseException | None:
+    def call(self, rows: Any, ctx: JobContext) -> BaseException | None:
         """Run the handler; return the exception it raised (its changes undone), if any."""
-        session = self.session
-        if self.savepoint is None:
+        job, session, guarded = self.job, self.session, self.guarded
+        if guarded and self.savepoint is None:
             self.savepoint = session.begin_nested()
         limit = _TimeLimit(job.timeout, self.dialect, self.dbapi_connection) if job.timeout else None
         executed = self.statements.count
@@ -340,7 +348,7 @@ class _Handler:
                 raise limit.error()  # the handler swallowed the cancelled statement's error
             # _is_clean() is SQLAlchemy's own cheap test (no collections built): nothing new,
             # deleted or modified in the session. This runs once per row, so it matters.
-            if self.statements.count != executed or not session._is_clean():
+            if guarded and (self.statements.count != executed or not session._is_clean()):
                 session.flush()
                 if self.dialect.in_failed_transaction(self.dbapi_connection):
                     # The handler caught a database error and carried on; PostgreSQL refuses all
@@ -350,7 +358,8 @@ class _Handler:
                 self.savepoint = None
         except (JobTimeout, Exception) as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
             savepoint, self.savepoint = self.savepoint, None
-            savepoint.rollback()
+            if savepoint is not None:
+                savepoint.rollback()
             # A statement cancelled by the time limit surfaces as a driver error: call it a timeout.
             return limit.error() if limit is not None and limit.expired and not isinstance(exc, JobTimeout) else exc
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
 from sqlalchemy import Engine, text
@@ -97,3 +98,31 @@ def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_engine: Engi
     with engine.connect() as conn:
         [item] = [j for j in status(conn, jobapp.jobs).jobs if j.name == "process_item"]
     assert item.pending == 10
+
+
+def test_claim_cost_estimate_stays_below_jit_threshold(pg_engine: Engine) -> None:
+    """A large backlog with many failure records must not make the planner expect a long walk.
+
+    PostgreSQL JIT-compiles any plan estimated above ``jit_above_cost`` (100,000 by default),
+    which adds milliseconds to every claim. The estimate must stay near the real cost: a walk
+    of the partial index that stops after ``limit`` rows.
+    """
+    with pg_engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', false FROM generate_series(1, 200000) g"))
+        now = datetime.now(timezone.utc)
+        conn.execute(
+            text(
+                "INSERT INTO batchjobs_failures (job, row_key, attempts, first_failed_at, last_failed_at, dead,"
+                " error_type, error_message, traceback)"
+                " SELECT 'process_item', g::text, 10, :now, :now, true, 'E', '', '' FROM generate_series(1, 100000, 2) g"
+            ),
+            {"now": now},
+        )
+        conn.execute(text("ANALYZE items"))
+        conn.execute(text("ANALYZE batchjobs_failures"))
+    job = jobapp.jobs.job("process_item")
+    now = datetime.now(timezone.utc)
+    plan = _plan(pg_engine, claim_statement(job, prepare(pg_engine)[1]).params(now=now, run_started=now, limit=100))
+    total_cost = float(re.search(r"cost=[\d.]+\.\.([\d.]+)", plan.splitlines()[0]).group(1))  # type: ignore[union-attr]
+    assert total_cost < 100_000, plan
+    assert "Index Scan using ix_items_processed_pending on items" in plan, plan

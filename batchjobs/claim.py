@@ -6,8 +6,7 @@ from collections import namedtuple
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import Integer, Select, String, and_, bindparam, cast, or_, select, true, update
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Integer, Select, String, and_, bindparam, cast, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import Dialect
@@ -83,11 +82,10 @@ class ChunkStatements:
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
             Failure.job == job.name, dialect.key_in(Failure.row_key, "keys")
         )
-        done = job.done_values(datetime.now())
         self.mark = (
             update(job.table)
             .where(dialect.key_in(job.primary_key, "keys"))
-            .values({name: bindparam(f"done_{name}", type_=job.table.c[name].type) for name in done})
+            .values({c.name: bindparam(f"done_{c.name}", type_=c.type) for c in job.done_columns})
         )
         # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
         self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]

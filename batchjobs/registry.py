@@ -156,6 +156,11 @@ class FlagJob(_KeyedModel):
         mapper: Mapper[Any] = inspect(self.model)
         return [mapper.get_property_by_column(column).key for column in self.columns]
 
+    @property
+    def done_columns(self) -> list[Column[Any]]:
+        """The columns marking a row done sets: the flag, and ``done_at`` if the job has one."""
+        return [self.flag] if self.done_at is None else [self.flag, self.done_at]
+
     def done_values(self, now: datetime) -> dict[str, Any]:
         """Column values that mark a row done."""
         values: dict[str, Any] = {
@@ -275,9 +280,10 @@ class Registry:
         ``created_at``); with it, `status`, `check` and `metrics` report the oldest pending age.
 
         ``columns`` hands the handler plain, read-only rows (named tuples) holding just these
-        columns and the primary key, instead of ORM instances: about twice the throughput for
-        handlers that call out (email, HTTP) and don't write through the row, and no loading of
-        wide columns the handler does not read. Such a handler writes through ``ctx.session``.
+        columns and the primary key, instead of ORM instances: loading ORM instances is the most
+        expensive part of a chunk, so handlers that call out (email, HTTP) and don't write
+        through the row run faster, and wide columns the handler does not read are not fetched.
+        Such a handler writes through ``ctx.session``.
         """
         column = _column(flag)
         pending_condition(column)  # validates the column type early

@@ -215,7 +215,7 @@ class _Run:
     clock: Callable[[], datetime]
     raise_errors: bool = False
     statements: dict[str, ChunkStatements] = field(default_factory=dict)
-    executed: _StatementCounter = field(default_factory=lambda: _StatementCounter())
+    executed: _StatementCounter = field(default_factory=_StatementCounter)
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:

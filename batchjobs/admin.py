@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from batchjobs.claim import row_key_sql
 from batchjobs.db import ensure_schema, prepare
+from batchjobs.dialects import KEYS
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import clear_failures, utcnow
 from batchjobs.registry import FlagJob, parse_key, pending_condition
@@ -179,7 +180,8 @@ def apply(
                         return result
                     keys = [key for key, _ in rows]
                     changed = session.execute(
-                        update(job.table).where(dialect.key_in(pk, "keys"), changes).values(values), {"keys": dialect.key_list(keys)}
+                        update(job.table).where(dialect.key_in(pk), changes).values(values),
+                        {KEYS: dialect.key_list(pk, keys, session.get_bind().dialect)},
                     )
                     cleared = clear_failures(session, dialect, job, [row_key for _, row_key in rows])
                 break

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from sqlalchemy import Connection, Integer, Select, String, and_, bindparam, cast, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from batchjobs.dialects import Dialect
+from batchjobs.dialects import KEYS, Dialect
 from batchjobs.registry import FlagJob
 from batchjobs.schema import Failure, UTCDateTime
 
@@ -80,12 +80,12 @@ class ChunkStatements:
         self.dialect = dialect
         self.claim = claim_statement(job, dialect)
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
-            Failure.job == job.name, dialect.key_in(Failure.row_key, "keys")
+            Failure.job == job.name, dialect.key_in(Failure.row_key)
         )
         self.mark = (
             update(job.table)
-            .where(dialect.key_in(job.primary_key, "keys"))
-            .values({c.name: bindparam(f"done_{c.name}", type_=c.type) for c in job.done_columns})
+            .where(dialect.key_in(job.primary_key))
+            .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
         )
         # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
         self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
@@ -108,12 +108,14 @@ class ChunkStatements:
         runner after the claim's snapshot was taken. Skipping rows held back here means a row is
         never attempted twice by overlapping runs before its backoff has passed.
         """
-        params = {"keys": self.dialect.key_list(keys), "now": now, "run_started": run_started}
+        keys_param = self.dialect.key_list(Failure.row_key, keys, connection.dialect)
+        params = {KEYS: keys_param, "now": now, "run_started": run_started}
         rows = connection.execute(self.failures, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
     def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
         """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
         if keys:
-            done = {f"done_{name}": value for name, value in self.job.done_values(now).items()}
-            connection.execute(self.mark, {"keys": self.dialect.key_list(keys), **done})
+            done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
+            keys_param = self.dialect.key_list(self.job.primary_key, keys, connection.dialect)
+            connection.execute(self.mark, {KEYS: keys_param, **done})

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from sqlalchemy import Dialect as SQLADialect
 from sqlalchemy import ColumnElement, Engine, Select, String, Table, any_, bindparam, cast, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -24,6 +25,9 @@ from batchjobs.errors import BatchJobsError
 
 # Execution option that marks a connection as one that claims rows (see SQLite.configure_engine).
 _CLAIMS = "batchjobs_claims"
+
+#: The parameter :meth:`Dialect.key_in` binds; prefixed so that it cannot clash with a column name.
+KEYS = "batchjobs_keys"
 
 
 class Dialect:
@@ -46,12 +50,12 @@ class Dialect:
         """Make a SELECT of pending rows take them for this transaction only."""
         return stmt
 
-    def key_in(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
-        """``column IN :name``, for a chunk's worth of keys bound as ``name=dialect.key_list(keys)``."""
-        return column.in_(bindparam(name, expanding=True))
+    def key_in(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        """``column IN (...)`` for a chunk's worth of keys, bound as ``{KEYS: key_list(...)}``."""
+        return column.in_(bindparam(KEYS, expanding=True))
 
-    def key_list(self, keys: Iterable[Any]) -> Any:
-        """The value to bind to :meth:`key_in`'s parameter."""
+    def key_list(self, column: ColumnElement[Any], keys: Iterable[Any], bound: SQLADialect) -> Any:
+        """The value to bind to :meth:`key_in`'s parameter, for a connection of dialect ``bound``."""
         return list(keys)
 
     def insert(self, table: Table) -> Insert:
@@ -92,19 +96,22 @@ class PostgreSQL(Dialect):
     def insert(self, table: Table) -> Insert:
         return postgresql.insert(table)
 
-    def key_in(self, column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
+    def key_in(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
         # One parameter instead of a hundred, so the statement text is the same for every chunk.
         # It is JSON text rather than an array: psycopg dumps a list element by element in Python,
         # which cost more than everything else in the statement; a string is passed through as is.
         # = ANY(ARRAY(...)) rather than IN (SELECT ...): the planner probes an index with each key
         # instead of considering a hash join over every row of the table.
-        elements = func.json_array_elements_text(cast(bindparam(name, type_=String()), postgresql.JSON))
+        elements = func.json_array_elements_text(cast(bindparam(KEYS, type_=String()), postgresql.JSON))
         keys = select(cast(elements.table_valued("value").c.value, column.type)).scalar_subquery()
         return column == any_(func.array(keys))
 
-    def key_list(self, keys: Iterable[Any]) -> Any:
-        # default=str: UUIDs, dates and decimals go as their text, which PostgreSQL casts back.
-        return json.dumps(list(keys), default=str)
+    def key_list(self, column: ColumnElement[Any], keys: Iterable[Any], bound: SQLADialect) -> Any:
+        # The column type's own conversion first, as for any parameter: a UUID stored as 32 hex
+        # digits, a TypeDecorator or an Enum is sent as the database stores it. default=str then
+        # writes what JSON has no type for (UUIDs, dates, decimals) as text PostgreSQL casts back.
+        process = column.type.dialect_impl(bound).bind_processor(bound)
+        return json.dumps([process(key) for key in keys] if process else list(keys), default=str)
 
     def limit_lock_wait(self, session: Session, seconds: float) -> None:
         session.execute(text(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'"))

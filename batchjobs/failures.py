@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sqlalchemy import Connection, case, delete, func, select
 from sqlalchemy.orm import Session
 
+from batchjobs.dialects import KEYS
 from batchjobs.errors import BatchJobsError
 from batchjobs.schema import Failure
 
@@ -129,8 +130,10 @@ def clear_failures(session: Session | Connection, dialect: Dialect, job: FlagJob
     """Forget the failure records of these rows (after a success, a retry or a requeue)."""
     if not row_keys:
         return 0
+    bound = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
     result = session.execute(
-        delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key, "keys")), {"keys": dialect.key_list(row_keys)}
+        delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key)),
+        {KEYS: dialect.key_list(Failure.row_key, row_keys, bound)},
     )
     return int(getattr(result, "rowcount", 0) or 0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from sqlalchemy import Boolean, DateTime, Engine, String, Uuid, select, text
+from sqlalchemy import Boolean, DateTime, Engine, String, Uuid, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import jobapp
@@ -253,3 +253,49 @@ def test_metrics_textfile_in_a_missing_folder(tmp_path: Path, sqlite_url: str) -
     migrate(engine)
     result = run_cli("-A", "jobapp:jobs", "--database-url", sqlite_url, "metrics", "--textfile", str(tmp_path / "no" / "x.prom"))
     assert result.returncode == 1 and result.stderr.startswith("Error: cannot write") and "Traceback" not in result.stderr
+
+
+class StoredKeyBase(DeclarativeBase):
+    pass
+
+
+class HexUpload(StoredKeyBase):
+    """A UUID key stored as 32 hex digits: keys must reach the database in its stored form."""
+
+    __tablename__ = "hex_uploads"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(native_uuid=False), primary_key=True)
+    scanned: Mapped[bool] = flag_column()
+
+
+class Lookup(StoredKeyBase):
+    """Column names that batchjobs' own statement parameters must not clash with."""
+
+    __tablename__ = "lookups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    keys: Mapped[str | None] = mapped_column(String(20))
+    done_resolved: Mapped[str | None] = mapped_column(String(20))
+    resolved: Mapped[bool] = flag_column()
+
+
+def test_keys_stored_differently_from_their_python_form_are_marked_done_once(db_url: str) -> None:
+    from batchjobs.db import create_engine
+
+    engine = create_engine(db_url)
+    StoredKeyBase.metadata.create_all(engine)
+    migrate(engine)
+    registry = Registry()
+    handled: list[uuid.UUID] = []
+    registry.flag_job(HexUpload.scanned, name="scan_hex")(lambda upload: handled.append(upload.id))
+    registry.flag_job(Lookup.resolved, name="resolve")(lambda lookup: handled.append(lookup.id))
+    with Session(engine) as session, session.begin():
+        session.add_all([HexUpload(id=uuid.uuid4()) for _ in range(3)] + [Lookup(id=i, keys="k") for i in range(2)])
+
+    # max_runtime only guards the test: a row left pending would be handled again and again.
+    summary = run_pending(registry, engine, max_runtime=10)
+
+    assert (summary.done, summary.stopped_by) == (5, None)
+    assert len(handled) == len(set(handled)) == 5
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).where(HexUpload.scanned.is_(False))) == 0
+        assert conn.scalar(select(func.count()).where(Lookup.resolved.is_(False))) == 0
+    engine.dispose()

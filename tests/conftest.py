@@ -134,6 +134,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     )
 
 
+def blocking_env(engine: Engine, signal_dir: Path, row: int, **extra: str) -> dict[str, str]:
+    """A CLI environment on ``engine`` whose handler stops at ``row`` until the test releases it.
+
+    The handler touches ``reached-<row>`` in ``signal_dir`` and waits for ``release-<row>``
+    (see ``jobapp._handle``).
+    """
+    return cli_env(
+        JOBAPP_BLOCK_ON=str(row), JOBAPP_SIGNAL_DIR=str(signal_dir), BATCHJOBS_DATABASE_URL=url_of(engine), **extra
+    )
+
+
 def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [BATCHJOBS, *args], env=env or cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

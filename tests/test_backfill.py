@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 import jobapp
 from batchjobs.schema import BackfillState
-from conftest import BATCHJOBS, cli_env, effects, run_cli, start_cli, url_of, wait_for
+from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
 
 
@@ -53,12 +53,7 @@ def test_backfill_runs_every_row_once_and_lists_its_state(engine: Engine, tmp_pa
 def test_kill_9_mid_backfill_then_resume(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 1000)
     effects_file = tmp_path / "effects.txt"
-    env = cli_env(
-        JOBAPP_EFFECTS=str(effects_file),
-        JOBAPP_BLOCK_ON="450",
-        JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=url_of(engine),
-    )
+    env = blocking_env(engine, tmp_path, 450, JOBAPP_EFFECTS=str(effects_file))
     run = start_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     wait_for(lambda: (tmp_path / "reached-450").exists(), "row 450 to be in progress", run)
     run.send_signal(signal.SIGKILL)
@@ -82,7 +77,7 @@ def test_kill_9_mid_backfill_then_resume(engine: Engine, tmp_path: Path) -> None
 
 def test_ctrl_c_interrupts_between_chunks_and_resume_continues(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 500)
-    env = cli_env(JOBAPP_BLOCK_ON="150", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
+    env = blocking_env(engine, tmp_path, 150)
     run = start_cli("-A", "jobapp:jobs", "backfill", "fill_notes", env=env)
     wait_for(lambda: (tmp_path / "reached-150").exists(), "row 150 to be in progress", run)
     os.kill(run.pid, signal.SIGINT)

@@ -16,7 +16,7 @@ import jobapp
 from batchjobs import Registry, run_pending
 from batchjobs.failures import retry
 from batchjobs.schema import Failure
-from conftest import cli_env, effects, run_cli, start_cli, url_of, wait_for
+from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items, processed
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -119,12 +119,7 @@ def test_on_failure_hook_and_hook_errors(engine: Engine, behaviour: jobapp.Behav
 
 def test_kill_9_with_a_failed_row_in_the_chunk_records_no_failure(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 20)
-    env = cli_env(
-        JOBAPP_POISON="2",
-        JOBAPP_BLOCK_ON="5",
-        JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=url_of(engine),
-    )
+    env = blocking_env(engine, tmp_path, 5, JOBAPP_POISON="2")
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-5").exists(), "row 5 to be in progress", run)
     run.send_signal(signal.SIGKILL)

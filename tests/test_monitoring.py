@@ -17,7 +17,7 @@ from batchjobs.failures import utcnow
 from batchjobs.history import STALE_AFTER
 from batchjobs.monitoring import status
 from batchjobs.schema import Failure, RunRecord
-from conftest import cli_env, run_cli, start_cli, url_of, wait_for
+from conftest import blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -224,7 +224,7 @@ def test_run_history_records_runs_and_prunes_old_ones(engine: Engine, tmp_path: 
 def test_killed_run_shows_as_crashed_once_its_heartbeat_is_stale(engine: Engine, tmp_path: Path) -> None:
     with Session(engine) as session, session.begin():
         session.execute(insert(jobapp.Item), [{"id": i} for i in range(1, 4)])
-    env = cli_env(JOBAPP_BLOCK_ON="2", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
+    env = blocking_env(engine, tmp_path, 2)
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=env)
     wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
     with engine.connect() as conn:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 
 import jobapp
-from conftest import cli_env, effects, run_cli, start_cli, url_of, wait_for
+from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
 
 
@@ -46,13 +46,7 @@ def test_four_overlapping_runs_handle_each_row_exactly_once(engine: Engine, tmp_
 def test_kill_9_mid_chunk_loses_nothing(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 300)
     effects_file = tmp_path / "effects.txt"
-    env = cli_env(
-        JOBAPP_EFFECTS=str(effects_file),
-        JOBAPP_BLOCK_ON="120",
-        JOBAPP_SIGNAL_DIR=str(tmp_path),
-        JOBAPP_WRITE_NOTE="1",
-        BATCHJOBS_DATABASE_URL=url_of(engine),
-    )
+    env = blocking_env(engine, tmp_path, 120, JOBAPP_EFFECTS=str(effects_file), JOBAPP_WRITE_NOTE="1")
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-120").exists(), "row 120 to be in progress", run)
     run.send_signal(signal.SIGKILL)
@@ -80,12 +74,7 @@ def test_kill_9_mid_chunk_loses_nothing(engine: Engine, tmp_path: Path) -> None:
 def test_sigterm_finishes_the_current_row_then_exits(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 100)
     effects_file = tmp_path / "effects.txt"
-    env = cli_env(
-        JOBAPP_EFFECTS=str(effects_file),
-        JOBAPP_BLOCK_ON="30",
-        JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=url_of(engine),
-    )
+    env = blocking_env(engine, tmp_path, 30, JOBAPP_EFFECTS=str(effects_file))
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-30").exists(), "row 30 to be in progress", run)
     run.send_signal(signal.SIGTERM)
@@ -117,7 +106,7 @@ def test_claimed_rows_do_not_block_foreign_key_inserts(pg_engine: Engine, tmp_pa
     """FOR NO KEY UPDATE: the app can insert rows referencing a claimed row meanwhile."""
     engine = pg_engine
     add_items(engine, 5)
-    env = cli_env(JOBAPP_BLOCK_ON="1", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
+    env = blocking_env(engine, tmp_path, 1)
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
     try:
         wait_for(lambda: (tmp_path / "reached-1").exists(), "row 1 to be claimed", run)
@@ -133,7 +122,7 @@ def test_claimed_rows_do_not_block_foreign_key_inserts(pg_engine: Engine, tmp_pa
 
 def test_ctrl_c_is_graceful_too(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 10)
-    env = cli_env(JOBAPP_BLOCK_ON="4", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine))
+    env = blocking_env(engine, tmp_path, 4)
     run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
     wait_for(lambda: (tmp_path / "reached-4").exists(), "row 4 to be in progress", run)
     os.kill(run.pid, signal.SIGINT)

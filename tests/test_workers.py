@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from conftest import cli_env, effects, run_cli, start_cli, url_of, wait_for
+from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items, processed
 
 
@@ -35,12 +35,7 @@ def test_workers_handle_every_row_once(engine: Engine, tmp_path: Path, pool: str
 def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 2000)
     effects_file = tmp_path / "effects.txt"
-    env = cli_env(
-        JOBAPP_EFFECTS=str(effects_file),
-        JOBAPP_BLOCK_ON="60",
-        JOBAPP_SIGNAL_DIR=str(tmp_path),
-        BATCHJOBS_DATABASE_URL=url_of(engine),
-    )
+    env = blocking_env(engine, tmp_path, 60, JOBAPP_EFFECTS=str(effects_file))
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "-c", "4", "--commit-interval", "1h", env=env)
     wait_for(lambda: (tmp_path / "reached-60").exists(), "row 60 to be in progress", run)
     [victim] = {line.split()[2] for line in effects_file.read_text().splitlines() if line.split()[1] == "60"}
@@ -64,7 +59,7 @@ def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path:
 
 def test_sigterm_reaches_every_worker(engine: Engine, tmp_path: Path) -> None:
     add_items(engine, 500)
-    env = cli_env(JOBAPP_BLOCK_ON="10", JOBAPP_SIGNAL_DIR=str(tmp_path), BATCHJOBS_DATABASE_URL=url_of(engine), JOBAPP_SLEEP="0.01")
+    env = blocking_env(engine, tmp_path, 10, JOBAPP_SLEEP="0.01")
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "-c", "3", env=env)
     wait_for(lambda: (tmp_path / "reached-10").exists(), "row 10 to be in progress", run)
     run.send_signal(signal.SIGTERM)

@@ -78,6 +78,8 @@ class ChunkStatements:
     def __init__(self, job: FlagJob, dialect: Dialect) -> None:
         self.job = job
         self.dialect = dialect
+        # Looked up once: reading it means a mapper lookup, and it is needed for every chunk.
+        self.pk_attr = job.primary_key_attr
         self.claim = claim_statement(job, dialect)
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
             Failure.job == job.name, dialect.key_in(Failure.row_key)

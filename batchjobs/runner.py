@@ -224,7 +224,6 @@ class _Run:
 
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
-        pk_attr = job.primary_key_attr
         if job.name not in self.statements:
             self.statements[job.name] = ChunkStatements(job, self.dialect)
         statements = self.statements[job.name]
@@ -235,7 +234,7 @@ class _Run:
                 return 0
             connection = session.connection()
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
-            pks = {row_key: getattr(row, pk_attr) for row, row_key in claimed}
+            pks = {row_key: getattr(row, statements.pk_attr) for row, row_key in claimed}
             states = statements.failure_states(connection, list(pks), now, self.run_started)
             attempts = {row_key: count for row_key, (count, _) in states.items()}
             held_back = {row_key for row_key, (_, held) in states.items() if held}

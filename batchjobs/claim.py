@@ -6,7 +6,20 @@ from collections import namedtuple
 from datetime import datetime
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, Integer, Select, String, and_, bindparam, cast, or_, select, true, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    cast,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import KEYS, Dialect
@@ -34,13 +47,18 @@ def _held_back() -> Any:
     )
 
 
-def claim_statement(job: FlagJob, dialect: Dialect) -> Select[Any]:
-    """Select up to ``:limit`` pending rows that are not held back, locked for this transaction.
+#: Bound to the key a keyset claim continues after.
+AFTER = "batchjobs_after"
+
+
+def claim_statement(job: FlagJob, dialect: Dialect, limit: int, *, keyset: bool = False) -> Select[Any]:
+    """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
 
     Rows come as the job's model instance (or its ``columns``) followed by the row key. The key
     is computed by the database, the same expression the failure lookups use, so both agree for
     every key type (a UUID is text with hyphens on PostgreSQL, 32 hex digits on SQLite). Execute
-    with ``now``, ``run_started`` and ``limit``.
+    with ``now`` and ``run_started``; with ``keyset``, also with ``batchjobs_after``: only rows
+    with a greater primary key are claimed.
 
     The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
     anti-join, and a hash anti-join loses the index order, so with stale statistics it would
@@ -52,9 +70,13 @@ def claim_statement(job: FlagJob, dialect: Dialect) -> Select[Any]:
     keeps 0.5% of rows, so it would expect to walk the whole pending index to find ``limit``
     rows, and past ``jit_above_cost`` it JIT-compiles every claim (milliseconds each). IS NOT TRUE
     gets the neutral guess of one half, which keeps the estimate near the real cost.
+
+    The limit is part of the SQL text, not a parameter: for an unknown limit PostgreSQL's generic
+    plan expects a long walk, so it would plan every claim afresh.
     """
+    # No LIMIT 1 needed: (job, row_key) is the failure table's primary key.
     of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-    held_back = select(true()).where(of_this_row, _held_back()).limit(1).scalar_subquery()
+    held_back = select(true()).where(of_this_row, _held_back()).scalar_subquery()
     # Table columns, not mapped attributes, for plain rows: the ORM stays out of that path.
     loaded = list(job.columns) if job.columns else [job.model]
     stmt = (
@@ -63,8 +85,10 @@ def claim_statement(job: FlagJob, dialect: Dialect) -> Select[Any]:
         select(*loaded, row_key_sql(job).label(ROW_KEY))
         .where(job.pending(), held_back.is_not(true()))
         .order_by(job.primary_key)
-        .limit(bindparam("limit", type_=Integer()))
+        .limit(literal_column(str(int(limit)), Integer()))
     )
+    if keyset:
+        stmt = stmt.where(job.primary_key > bindparam(AFTER, type_=job.primary_key.type))
     return dialect.lock_for_claim(stmt, job.table)
 
 
@@ -75,12 +99,13 @@ class ChunkStatements:
     every value that changes between chunks is a bound parameter.
     """
 
-    def __init__(self, job: FlagJob, dialect: Dialect) -> None:
+    def __init__(self, job: FlagJob, dialect: Dialect, limit: int) -> None:
         self.job = job
         self.dialect = dialect
         # Looked up once: reading it means a mapper lookup, and it is needed for every chunk.
         self.pk_attr = job.primary_key_attr
-        self.claim = claim_statement(job, dialect)
+        self.claim = claim_statement(job, dialect, limit)
+        self.claim_after = claim_statement(job, dialect, limit, keyset=True)
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
             Failure.job == job.name, dialect.key_in(Failure.row_key)
         )
@@ -92,13 +117,23 @@ class ChunkStatements:
         # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
         self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
 
-    def claim_rows(self, session: Session, now: datetime, run_started: datetime, limit: int) -> list[tuple[Any, str]]:
-        """Lock up to ``limit`` pending rows: (row for the handler, row key) pairs, in key order."""
-        params = {"now": now, "run_started": run_started, "limit": limit}
+    def claim_rows(
+        self, executor: Session | Connection, now: datetime, run_started: datetime, after: Any = None
+    ) -> list[tuple[Any, str]]:
+        """Lock pending rows: (row for the handler, row key) pairs, in key order.
+
+        ``executor`` is the chunk's Session for ORM objects, its Connection for plain rows. With
+        ``after`` (a primary-key value), only rows with a greater key are claimed.
+        """
+        params = {"now": now, "run_started": run_started}
+        stmt = self.claim
+        if after is not None:
+            params[AFTER] = after
+            stmt = self.claim_after
         if self.record is None:
-            return [(row, key) for row, key in session.execute(self.claim, params).all()]
+            return [(row, key) for row, key in executor.execute(stmt, params).all()]
         make = self.record._make
-        return [(make(values[:-1]), values[-1]) for values in session.connection().execute(self.claim, params).all()]
+        return [(make(values[:-1]), values[-1]) for values in executor.execute(stmt, params).all()]
 
     def failure_states(
         self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime

@@ -80,7 +80,7 @@ def _storable(text: str) -> str:
 
 
 def record_failures(
-    session: Session, dialect: Dialect, job: FlagJob, failures: Sequence[RowFailure], now: datetime
+    session: Session | Connection, dialect: Dialect, job: FlagJob, failures: Sequence[RowFailure], now: datetime
 ) -> None:
     """Count one attempt for each failed row, and schedule its retry or declare it dead."""
     if not failures:

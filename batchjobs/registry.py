@@ -174,7 +174,8 @@ class FlagJob(_KeyedModel):
         """Column values that put a row back to pending."""
         return {self.flag.name: false() if isinstance(self.flag.type, Boolean) else None}
 
-    def call(self, rows: Any, ctx: JobContext) -> Any:
+    def call(self, rows: Any, ctx: JobContext | None) -> Any:
+        """Call the handler; ``ctx`` may be None only for a handler that takes none."""
         return self.handler(rows, ctx) if self.wants_context else self.handler(rows)
 
 

@@ -215,6 +215,8 @@ class _Run:
     clock: Callable[[], datetime]
     raise_errors: bool = False
     statements: dict[str, ChunkStatements] = field(default_factory=dict)
+    #: Per job, the primary key the next claim continues after.
+    after: dict[str, Any] = field(default_factory=dict)
     executed: _StatementCounter = field(default_factory=_StatementCounter)
 
     def should_stop(self, now: float | None = None) -> bool:
@@ -225,14 +227,24 @@ class _Run:
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         if job.name not in self.statements:
-            self.statements[job.name] = ChunkStatements(job, self.dialect)
+            self.statements[job.name] = ChunkStatements(job, self.dialect, limit)
         statements = self.statements[job.name]
-        with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
+        # Handlers of plain rows that take no ctx cannot reach the chunk's transaction (their rows
+        # are tuples; a session of their own is another connection): they get no session at all.
+        bare = statements.record is not None and not job.wants_context
+        with self._transaction(bare) as (session, connection):
             now = self.clock()
-            claimed = statements.claim_rows(session, now, self.run_started, limit)
+            # ORM objects are loaded through the session, plain rows straight from the connection.
+            executor: Session | Connection = connection if session is None or statements.record is not None else session
+            after = self.after.get(job.name)
+            claimed = statements.claim_rows(executor, now, self.run_started, after)
+            if not claimed and after is not None:
+                # The walk reached the end. One claim from the start picks up rows it passed by:
+                # locked by another run then, requeued since, or inserted with a lower key.
+                del self.after[job.name]
+                claimed = statements.claim_rows(executor, now, self.run_started)
             if not claimed:
                 return 0
-            connection = session.connection()
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
             pks = {row_key: getattr(row, statements.pk_attr) for row, row_key in claimed}
             states = statements.failure_states(connection, list(pks), now, self.run_started)
@@ -240,7 +252,8 @@ class _Run:
             held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
             work = [(row_key, row) for row, row_key in claimed if row_key not in held_back]
-            ctx = JobContext(session=session, job=job, logger=logger.getChild(job.name))
+            last_reached = claimed[-1][1]
+            ctx = None if session is None else JobContext(session=session, job=job, logger=logger.getChild(job.name))
             handler = _Handler(self.dialect, job, session, connection, self.executed)
             done: list[str] = []
             failures: list[RowFailure] = []
@@ -258,6 +271,7 @@ class _Run:
                     # are released by the commit and claimed again by the next chunk.
                     row_started = time.monotonic()
                     if index and (row_started >= commit_by or self.should_stop(row_started)):
+                        last_reached = work[index - 1][0]
                         break
                     error = handler.call(row, ctx)
                     if error is None:
@@ -269,9 +283,12 @@ class _Run:
             handler.finish()
             now = self.clock()
             statements.mark_done(connection, [pks[key] for key in done], now)
-            clear_failures(session, self.dialect, job, [key for key in done if key in states])
-            record_failures(session, self.dialect, job, failures, now)
-            session.commit()
+            clear_failures(connection, self.dialect, job, [key for key in done if key in states])
+            record_failures(connection, self.dialect, job, failures, now)
+            (connection if session is None else session).commit()
+        # The next chunk continues the walk of the pending index after the rows this one reached
+        # rather than from its start, past the entries of every row done since the last vacuum.
+        self.after[job.name] = pks[last_reached]
         # Reported after the commit, so a hook never announces a failure that was not recorded.
         for failure in failures:
             self._report(job, failure)
@@ -280,6 +297,16 @@ class _Run:
         if self.raise_errors and failures:
             raise failures[0].error
         return len(claimed)
+
+    @contextmanager
+    def _transaction(self, bare: bool) -> Iterator[tuple[_ChunkSession | None, Connection]]:
+        """The chunk's session and its connection; with ``bare``, a connection and no session."""
+        if bare:
+            with self.bind.connect() as connection:
+                yield None, connection
+        else:
+            with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
+                yield session, session.connection()
 
     def _report(self, job: FlagJob, failure: RowFailure) -> None:
         attempt = failure.attempts_before + 1
@@ -310,31 +337,30 @@ class _Handler:
     the first one that touches either gets its changes released (or, if it fails, rolled back)
     right after it returns. A failure therefore never undoes an earlier row's writes, and a
     chunk of handlers that do not write costs no savepoint at all. Handlers of plain rows
-    (``columns=``) that take no ctx cannot reach the chunk's transaction and skip all of this.
+    (``columns=``) that take no ctx run with no session, and skip all of this.
     """
 
     def __init__(
-        self, dialect: Dialect, job: FlagJob, session: _ChunkSession, connection: Connection, statements: _StatementCounter
+        self, dialect: Dialect, job: FlagJob, session: _ChunkSession | None, connection: Connection, statements: _StatementCounter
     ) -> None:
         self.dialect = dialect
         self.job = job
+        # None for handlers that cannot reach the chunk's transaction: they need no savepoint.
         self.session = session
         self.dbapi_connection = connection.connection.dbapi_connection
         self.statements = statements
         self.savepoint: Any = None
-        # A handler of plain rows that takes no ctx has no way into the chunk's transaction (its
-        # rows are tuples; a session of its own is another connection), so it needs no savepoint.
-        self.guarded = job.wants_context or not job.columns
 
-    def call(self, rows: Any, ctx: JobContext) -> BaseException | None:
+    def call(self, rows: Any, ctx: JobContext | None) -> BaseException | None:
         """Run the handler; return the exception it raised (its changes undone), if any."""
-        job, session, guarded = self.job, self.session, self.guarded
-        if guarded and self.savepoint is None:
+        job, session = self.job, self.session
+        if session is not None and self.savepoint is None:
             self.savepoint = session.begin_nested()
         limit = _TimeLimit(job.timeout, self.dialect, self.dbapi_connection) if job.timeout else None
         executed = self.statements.count
         try:
-            session.in_handler = True
+            if session is not None:
+                session.in_handler = True
             try:
                 if limit is None:
                     job.call(rows, ctx)
@@ -342,12 +368,13 @@ class _Handler:
                     with limit:
                         job.call(rows, ctx)
             finally:
-                session.in_handler = False
+                if session is not None:
+                    session.in_handler = False
             if limit is not None and limit.expired:
                 raise limit.error()  # the handler swallowed the cancelled statement's error
             # _is_clean() is SQLAlchemy's own cheap test (no collections built): nothing new,
             # deleted or modified in the session. This runs once per row, so it matters.
-            if guarded and (self.statements.count != executed or not session._is_clean()):
+            if session is not None and (self.statements.count != executed or not session._is_clean()):
                 session.flush()
                 if self.dialect.in_failed_transaction(self.dbapi_connection):
                     # The handler caught a database error and carried on; PostgreSQL refuses all

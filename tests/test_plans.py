@@ -53,7 +53,7 @@ def test_claim_walks_the_partial_index_in_key_order(engine: Engine) -> None:
     _big_table_few_pending(engine)
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    plan = _plan(engine, claim_statement(job, prepare(engine)[1]).params(now=now, run_started=now, limit=50))
+    plan = _plan(engine, claim_statement(job, prepare(engine)[1], 50).params(now=now, run_started=now))
 
     assert "ix_items_processed_pending" in plan, plan
     assert "batchjobs_failures" in plan, plan
@@ -65,6 +65,20 @@ def test_claim_walks_the_partial_index_in_key_order(engine: Engine) -> None:
     else:
         assert "SCAN items USING INDEX ix_items_processed_pending" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
+
+
+def test_keyset_claim_starts_its_walk_at_the_key(engine: Engine) -> None:
+    """A run's later claims seek to the last key reached instead of walking from the start."""
+    _big_table_few_pending(engine)
+    job = jobapp.jobs.job("process_item")
+    now = datetime.now(timezone.utc)
+    stmt = claim_statement(job, prepare(engine)[1], 50, keyset=True).params(now=now, run_started=now, batchjobs_after=100000)
+    plan = _plan(engine, stmt)
+    if engine.dialect.name == "postgresql":
+        assert "Index Scan using ix_items_processed_pending on items" in plan, plan
+        assert "Index Cond: (id > 100000)" in plan, plan
+    else:
+        assert "SEARCH items USING INDEX ix_items_processed_pending (id>?)" in plan, plan
 
 
 def test_pending_count_uses_the_partial_index(engine: Engine) -> None:
@@ -122,7 +136,7 @@ def test_claim_cost_estimate_stays_below_jit_threshold(pg_engine: Engine) -> Non
         conn.execute(text("ANALYZE batchjobs_failures"))
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    plan = _plan(pg_engine, claim_statement(job, prepare(pg_engine)[1]).params(now=now, run_started=now, limit=100))
+    plan = _plan(pg_engine, claim_statement(job, prepare(pg_engine)[1], 100).params(now=now, run_started=now))
     total_cost = float(re.search(r"cost=[\d.]+\.\.([\d.]+)", plan.splitlines()[0]).group(1))  # type: ignore[union-attr]
     assert total_cost < 100_000, plan
     assert "Index Scan using ix_items_processed_pending on items" in plan, plan

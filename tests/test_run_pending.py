@@ -9,7 +9,7 @@ from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.orm import Session
 
 import jobapp
-from batchjobs import run_pending
+from batchjobs import JobContext, run_pending
 from batchjobs.schema import Failure
 from conftest import effects
 
@@ -141,6 +141,72 @@ def test_commit_interval_releases_unhandled_rows(engine: Engine, behaviour: joba
         summary = run_pending(registry, engine, commit_interval=interval)
         assert summary.done == 6
         assert set(seen_done_before.values()) == {expected}, interval
+
+
+def test_chunks_continue_after_the_last_row_reached(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """Each claim continues after the rows the previous chunk reached, so rows are handled in key
+    order even when a chunk commits early and leaves the rest of its rows unhandled."""
+    from batchjobs import Registry
+
+    add_items(engine, 30)
+    handled: list[int] = []
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed, batch_size=10)
+    def note(item: jobapp.Item) -> None:
+        handled.append(item.id)
+
+    # commit_interval=0 commits after every row: each chunk of 10 handles just its first row.
+    summary = run_pending(registry, engine, commit_interval=0.0)
+    assert summary.done == 30
+    assert handled == list(range(1, 31))
+
+
+def test_rows_passed_by_are_handled_in_the_same_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """A row that becomes pending behind the walk (requeued, or freed by another run) is found by
+    the claim from the start that ends a run, not left for the next run."""
+    from batchjobs import Registry
+
+    add_items(engine, 30)
+    handled: list[int] = []
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed, batch_size=10)
+    def requeue_behind(item: jobapp.Item, ctx: JobContext) -> None:
+        handled.append(item.id)
+        if item.id == 25:
+            # Row 3 was done two chunks ago; flip it back to pending, as an admin might.
+            ctx.session.execute(text("UPDATE items SET processed = false WHERE id = 3"))
+
+    summary = run_pending(registry, engine)
+    assert summary.done == 31
+    assert handled == [*range(1, 31), 3]
+    assert all(processed(engine).values())
+
+
+def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(pg_engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """SKIP LOCKED passes a row another transaction holds; once that lets go, the same run takes it."""
+    from batchjobs import Registry
+
+    engine = pg_engine
+    add_items(engine, 30)
+    handled: list[int] = []
+    registry = Registry()
+    holder = engine.connect()
+    holder.execute(text("SELECT id FROM items WHERE id = 5 FOR UPDATE"))
+
+    @registry.flag_job(jobapp.Item.processed, batch_size=10)
+    def note(item: jobapp.Item) -> None:
+        handled.append(item.id)
+        if item.id == 20:
+            holder.rollback()  # the other transaction ends; row 5 is free
+
+    try:
+        summary = run_pending(registry, engine)
+    finally:
+        holder.close()
+    assert summary.done == 30
+    assert handled == [*(i for i in range(1, 31) if i != 5), 5]
 
 
 def test_max_runtime_stops_the_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:

@@ -42,6 +42,7 @@ TABLE = benchapp.Row.__tablename__
 DRAIN_RATIO_TARGET = 0.5
 IDLE_RATIO_TARGET = 1.2
 IDLE_SECONDS_TARGET = 0.4
+MARK_RSS_RATIO_TARGET = 1.1
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Sizes:
     idle_runs: int
     concurrency: int
     concurrency_rounds: int
+    mark_small: int
+    mark_large: int
     insert_preload: int
     insert_rounds: int
     inserts_per_round: int
@@ -67,6 +70,8 @@ FULL = Sizes(
     idle_runs=9,
     concurrency=100_000,
     concurrency_rounds=2,
+    mark_small=100_000,
+    mark_large=1_000_000,
     insert_preload=100_000,
     insert_rounds=20,
     inserts_per_round=500,
@@ -80,6 +85,8 @@ QUICK = Sizes(
     idle_runs=5,
     concurrency=5_000,
     concurrency_rounds=1,
+    mark_small=2_000,
+    mark_large=20_000,
     insert_preload=10_000,
     insert_rounds=6,
     inserts_per_round=150,
@@ -216,6 +223,25 @@ def drain_sql_client(url: URL) -> float:
                 return time.perf_counter() - started
 
 
+def drain_sql_keyset(url: URL) -> float:
+    """The SQL limit's statement, each batch continuing after the last key of the one before
+    (as batchjobs does), so no claim walks past the index entries of rows already done."""
+    claim_and_mark = f"""
+        WITH c AS (
+            SELECT id FROM {TABLE} WHERE NOT done AND id > %s ORDER BY id LIMIT {BATCH} FOR NO KEY UPDATE SKIP LOCKED
+        )
+        UPDATE {TABLE} t SET done = true FROM c WHERE t.id = c.id RETURNING t.id"""
+    with pg.connect(url) as conn:
+        started = time.perf_counter()
+        after = 0
+        while True:
+            keys = [key for (key,) in conn.execute(claim_and_mark, (after,))]
+            conn.commit()
+            if not keys:
+                return time.perf_counter() - started
+            after = max(keys)
+
+
 def drain_sql(url: URL) -> float:
     """The database's own limit: claim and mark a batch in one statement, commit, repeat, all server-side."""
     loop = f"""
@@ -314,6 +340,7 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report) -> None:
     section = f"1. Drain {n:,} rows, no-op"
     contenders = {
         "sql_limit": drain_sql_client,
+        "sql_keyset": drain_sql_keyset,
         "sql_server_loop": drain_sql,
         "ideal_python": drain_ideal,
         "orm_floor": drain_orm_floor,
@@ -337,6 +364,10 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report) -> None:
         limit = best["sql_limit"]
         rounds = f"best of {sizes.drain_rounds}"
         report.add(section, f"SQL limit (one claim-and-mark statement per batch from a client, commit; {rounds})", rate(limit), "1.00")
+        report.add(
+            section, "the same loop, each batch continuing after the last key of the one before (keyset)",
+            rate(best["sql_keyset"]), ratio(best["sql_keyset"] / limit),
+        )
         report.add(
             section, "the same loop run inside the server (plpgsql DO block: no round trips at all)",
             rate(best["sql_server_loop"]), ratio(best["sql_server_loop"] / limit),
@@ -542,11 +573,86 @@ def concurrency_scenario(server: pg.Server, sizes: Sizes, report: Report) -> Non
     report.data["concurrency"] = {"rows": n, "runs": {str(processes): results for processes, results in runs.items()}}
 
 
-# --- 5: what the flag costs the app's inserts ----------------------------------------------------------------
+# --- 5: an admin marks a whole table done ---------------------------------------------------------------
+
+MARK_CHUNK = 5000  # the CLI's default --chunk-size
+
+
+def mark_sql(url: URL) -> float:
+    """The same work hand-written on psycopg: fetch a keyset chunk of pending keys, UPDATE them by
+    key, commit. (One UPDATE ... WHERE id IN (SELECT ... LIMIT n) would be planned as a hash join
+    over the whole table, once per chunk.)"""
+    walk = f"SELECT id FROM {TABLE} WHERE NOT done AND id > %s ORDER BY id LIMIT {MARK_CHUNK}"
+    mark = f"UPDATE {TABLE} SET done = true WHERE id = ANY(%s)"
+    with pg.connect(url) as conn:
+        started = time.perf_counter()
+        cursor = 0
+        while True:
+            keys = [key for (key,) in conn.execute(walk, (cursor,))]
+            if not keys:
+                conn.commit()
+                return time.perf_counter() - started
+            conn.execute(mark, (keys,))
+            conn.commit()
+            cursor = keys[-1]
+
+
+def mark_cli(url: URL) -> tuple[float, int, int]:
+    """Wall time, peak RSS (KiB) and rows marked of one whole `batchjobs mark-done --all` process."""
+    args = [*CLI, "-A", "benchapp:jobs", "--database-url", pg.render(url), "mark-done", "noop", "--all", "--yes", "--json"]
+    # Output goes to files, not pipes: nobody reads a pipe while the process runs, so it could fill.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(args, env=cli_env(), cwd=HERE, stdout=out, stderr=err)
+        # wait4 gives this child's own resource usage; ru_maxrss is its peak resident set, in KiB on Linux.
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise RuntimeError(f"batchjobs mark-done exited {proc.returncode}:\n{err.read().decode()}")
+        return elapsed, usage.ru_maxrss, int(json.loads(out.read())["rows"])
+
+
+def mark_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
+    section = f"5. mark-done --all, {sizes.mark_large:,} rows"
+    results: dict[int, dict[str, Any]] = {}
+    with server.database("mark") as url:
+        pg.load_rows(url, sizes.mark_small, done=False)
+        mark_cli(url)  # warm-up: bytecode, the server's catalog caches
+        for n in (sizes.mark_small, sizes.mark_large):
+            pg.load_rows(url, n, done=False)
+            sql_seconds = mark_sql(url)
+            pg.load_rows(url, n, done=False)
+            seconds, peak_kib, marked = mark_cli(url)
+            pending, _ = pg.row_counts(url)
+            report.check(marked == n and pending == 0, f"mark-done on {n} rows: {marked} marked, {pending} pending")
+            results[n] = {"rows": n, "seconds": seconds, "rows_per_second": n / seconds, "peak_rss_kib": peak_kib,
+                          "sql_seconds": sql_seconds, "sql_rows_per_second": n / sql_seconds}
+    small, large = results[sizes.mark_small], results[sizes.mark_large]
+    growth = large["peak_rss_kib"] / small["peak_rss_kib"]
+    report.add(
+        section, f"hand-written psycopg loop: keyset chunks of {MARK_CHUNK:,}, SELECT keys, UPDATE, commit",
+        rate(large["sql_rows_per_second"]), "1.00",
+    )
+    report.add(
+        section, "batchjobs mark-done --all CLI process (start-up included)", rate(large["rows_per_second"]),
+        ratio(large["rows_per_second"] / large["sql_rows_per_second"]),
+    )
+    report.add(
+        section, f"peak RSS of that process, {sizes.mark_small:,} / {sizes.mark_large:,} rows",
+        f"{small['peak_rss_kib'] / 1024:.0f} / {large['peak_rss_kib'] / 1024:.0f} MiB", f"{ratio(growth)} large/small",
+        f"<= {MARK_RSS_RATIO_TARGET:.2f} (flat in N)", verdict(growth <= MARK_RSS_RATIO_TARGET),
+    )
+    report.data["mark_done_all"] = {"chunk_size": MARK_CHUNK, "runs": {str(n): r for n, r in results.items()}, "rss_ratio_large_small": growth}
+
+
+# --- 6: what the flag costs the app's inserts ----------------------------------------------------------------
 
 
 def insert_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
-    section = "5. App INSERT cost"
+    section = "6. App INSERT cost"
     flagged, plain = benchapp.FlaggedSignup.__tablename__, benchapp.PlainSignup.__tablename__
     statements = {name: f"INSERT INTO {name} (email) VALUES (%s)" for name in (flagged, plain)}
     per_round: dict[str, list[float]] = {flagged: [], plain: []}  # seconds per insert, each round
@@ -644,12 +750,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"batchjobs benchmarks ({report.mode}) on PostgreSQL {report.data['machine']['postgresql'].split()[0]}")
         # Other processes on the machine skew every number; the load average documents how busy it was.
         load = report.data["load_average_1min"] = {"start": os.getloadavg()[0]}
-        for scenario in (drain_scenarios, idle_scenario, concurrency_scenario, insert_scenario):
+        for scenario in (drain_scenarios, idle_scenario, concurrency_scenario, mark_scenario, insert_scenario):
             scenario(server, sizes, report)
             load[f"after_{scenario.__name__}"] = os.getloadavg()[0]
     report.data.update(
         mode=report.mode, sizes=asdict(sizes), seconds=time.perf_counter() - started,
-        targets={"drain_ratio_min": DRAIN_RATIO_TARGET, "idle_ratio_max": IDLE_RATIO_TARGET, "idle_seconds_max": IDLE_SECONDS_TARGET},
+        targets={
+            "drain_ratio_min": DRAIN_RATIO_TARGET, "idle_ratio_max": IDLE_RATIO_TARGET, "idle_seconds_max": IDLE_SECONDS_TARGET,
+            "mark_rss_ratio_max": MARK_RSS_RATIO_TARGET,
+        },
         table=[asdict(line) for line in report.lines], failures=report.failures,
     )
     if args.json:

@@ -214,7 +214,7 @@ class _Run:
     deadline: float | None
     clock: Callable[[], datetime]
     raise_errors: bool = False
-    statements: dict[str, ChunkStatements] = field(default_factory=dict)
+    statements: dict[tuple[str, int], ChunkStatements] = field(default_factory=dict)
     #: Per job, the primary key the next claim continues after.
     after: dict[str, Any] = field(default_factory=dict)
     executed: _StatementCounter = field(default_factory=_StatementCounter)
@@ -226,11 +226,11 @@ class _Run:
 
     def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
-        if job.name not in self.statements:
-            self.statements[job.name] = ChunkStatements(job, self.dialect, limit)
-        statements = self.statements[job.name]
-        # Handlers of plain rows that take no ctx cannot reach the chunk's transaction (their rows
-        # are tuples; a session of their own is another connection): they get no session at all.
+        statements = self.statements.get((job.name, limit))
+        if statements is None:
+            statements = self.statements[job.name, limit] = ChunkStatements(job, self.dialect, limit)
+        # Handlers of plain rows that take no ctx have no handle on the chunk's transaction (their
+        # rows are tuples, not objects of a session): they get no session at all.
         bare = statements.record is not None and not job.wants_context
         with self._transaction(bare) as (session, connection):
             now = self.clock()
@@ -288,7 +288,12 @@ class _Run:
             (connection if session is None else session).commit()
         # The next chunk continues the walk of the pending index after the rows this one reached
         # rather than from its start, past the entries of every row done since the last vacuum.
-        self.after[job.name] = pks[last_reached]
+        # A short chunk reached the end of the pending rows: the next claim starts over, so rows
+        # that became claimable behind the walk (backoff over, requeued) wait no longer.
+        if len(claimed) < limit:
+            self.after.pop(job.name, None)
+        else:
+            self.after[job.name] = pks[last_reached]
         # Reported after the commit, so a hook never announces a failure that was not recorded.
         for failure in failures:
             self._report(job, failure)

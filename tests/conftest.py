@@ -8,15 +8,18 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 import jobapp
+from batchjobs.claim import AFTER, ROW_KEY
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
 
@@ -118,6 +121,19 @@ def effects(path: Path, job: str | None = None) -> list[int]:
         return []
     lines = [line.split() for line in path.read_text().splitlines()]
     return [int(row_id) for name, row_id, _pid in lines if job is None or name == job]
+
+
+def count_claims(engine: Engine, table: str) -> Counter[str]:
+    """Counts the run loop's claims on ``table`` as they run: "after" continues a walk after a
+    key, "start" claims from the first key."""
+    counts: Counter[str] = Counter()
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def count(_conn: object, _cursor: object, statement: str, _params: object, context: Any, _many: bool) -> None:
+        if ROW_KEY in statement and f"FROM {table}" in statement:
+            counts["after" if AFTER in context.compiled_parameters[0] else "start"] += 1
+
+    return counts
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -116,18 +116,47 @@ def test_uuid_keys_with_plain_rows(app_engine: Engine) -> None:
     with Session(app_engine) as session, session.begin():
         session.add_all([Scan(id=bad)] + [Scan(id=uuid.uuid4()) for _ in range(4)])
     registry = Registry()
+    seen: list[uuid.UUID] = []
 
-    @registry.flag_job(Scan.done, columns=[Scan.id])
+    # Chunks of 2: the walk continues after UUID keys, compared as the database orders them.
+    @registry.flag_job(Scan.done, columns=[Scan.id], batch_size=2)
     def scan(row: Any) -> None:
         assert isinstance(row.id, uuid.UUID)
+        seen.append(row.id)
         if row.id == bad:
             raise ValueError("infected")
 
     summary = run_pending(registry, app_engine)
 
     assert (summary.done, summary.failed) == (4, 1)
+    assert seen == sorted(set(seen)) and len(seen) == 5
     with Session(app_engine) as session:
         assert session.scalars(select(Scan.id).where(Scan.done.is_(False))).all() == [bad]
+
+
+def test_handlers_without_a_session_still_time_out_and_fail_alone(app_engine: Engine) -> None:
+    """Plain-row handlers that take no ctx run on a bare connection: timeouts and failures are
+    recorded as with a session, and the chunk's other rows commit."""
+    import time
+
+    add_signups(app_engine, 5)
+    registry = Registry()
+
+    @registry.flag_job(Signup.welcomed, columns=[Signup.email], timeout=0.2)
+    def welcome(signup: Any) -> None:
+        if signup.id == 2:
+            time.sleep(30)
+        if signup.id == 4:
+            raise ValueError("mail server said no")
+
+    summary = run_pending(registry, app_engine)
+
+    assert (summary.done, summary.failed) == (3, 2)
+    with Session(app_engine) as session:
+        errors = dict(session.execute(select(Failure.row_key, Failure.error_type).where(Failure.job == "welcome")).all())
+        pending = session.scalars(select(Signup.id).where(Signup.welcomed.is_(False)).order_by(Signup.id)).all()
+    assert errors == {"2": "batchjobs.runner.JobTimeout", "4": "ValueError"}
+    assert pending == [2, 4]
 
 
 def test_columns_of_another_table_are_refused() -> None:

@@ -17,7 +17,7 @@ from batchjobs.durations import parse_duration
 from batchjobs.failures import retry
 from batchjobs.migrate import migrate
 from batchjobs.schema import Failure
-from conftest import run_cli
+from conftest import count_claims, run_cli
 from test_run_pending import add_items, processed
 
 
@@ -284,17 +284,25 @@ def test_keys_stored_differently_from_their_python_form_are_marked_done_once(db_
     StoredKeyBase.metadata.create_all(engine)
     migrate(engine)
     registry = Registry()
-    handled: list[uuid.UUID] = []
-    registry.flag_job(HexUpload.scanned, name="scan_hex")(lambda upload: handled.append(upload.id))
-    registry.flag_job(Lookup.resolved, name="resolve")(lambda lookup: handled.append(lookup.id))
+    scanned: list[uuid.UUID] = []
+    resolved: list[int] = []
+    # Chunks of 2, so the walk continues after UUID keys: the key bound to "> :after" must
+    # compare as the stored 32 hex digits do.
+    registry.flag_job(HexUpload.scanned, name="scan_hex", batch_size=2)(lambda upload: scanned.append(upload.id))
+    registry.flag_job(Lookup.resolved, name="resolve")(lambda lookup: resolved.append(lookup.id))
     with Session(engine) as session, session.begin():
-        session.add_all([HexUpload(id=uuid.uuid4()) for _ in range(3)] + [Lookup(id=i, keys="k") for i in range(2)])
+        session.add_all([HexUpload(id=uuid.uuid4()) for _ in range(7)] + [Lookup(id=i, keys="k") for i in range(2)])
+    claims = count_claims(engine, "hex_uploads")
 
     # max_runtime only guards the test: a row left pending would be handled again and again.
     summary = run_pending(registry, engine, max_runtime=10)
 
-    assert (summary.done, summary.stopped_by) == (5, None)
-    assert len(handled) == len(set(handled)) == 5
+    assert (summary.done, summary.stopped_by) == (9, None)
+    assert sorted(resolved) == [0, 1]
+    # In key order (32 hex digits sort as the UUIDs' numbers do), each once, and every claim
+    # after the first continued the walk until it came back short: none skipped a row.
+    assert scanned == sorted(set(scanned)) and len(scanned) == 7
+    assert claims == {"start": 2, "after": 3}, claims
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).where(HexUpload.scanned.is_(False))) == 0
         assert conn.scalar(select(func.count()).where(Lookup.resolved.is_(False))) == 0

@@ -81,6 +81,33 @@ def test_keyset_claim_starts_its_walk_at_the_key(engine: Engine) -> None:
         assert "SEARCH items USING INDEX ix_items_processed_pending (id>?)" in plan, plan
 
 
+def test_the_server_reuses_the_claim_plan(pg_engine: Engine) -> None:
+    """PostgreSQL plans the claim once, not once per chunk: its generic plan must not look more
+    expensive than a custom one (with the limit as a parameter it did, so every claim was
+    planned afresh)."""
+    with pg_engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', false FROM generate_series(1, 200000) g"))
+        conn.execute(text("ANALYZE items"))
+    job = jobapp.jobs.job("process_item")
+    compiled = claim_statement(job, prepare(pg_engine)[1], 100, keyset=True).compile(dialect=pg_engine.dialect)
+    now = datetime.now(timezone.utc)
+    params = compiled.construct_params({"now": now, "run_started": now, "batchjobs_after": 0})
+    raw = pg_engine.raw_connection()
+    try:
+        driver = raw.driver_connection
+        assert driver is not None
+        # The server tries a custom plan five times before it considers the generic one.
+        for after in range(0, 1000, 100):
+            driver.execute(compiled.string, {**params, "batchjobs_after": after}, prepare=True).fetchall()
+        row = driver.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '%SKIP LOCKED%'"
+        ).fetchone()
+    finally:
+        raw.rollback()
+        raw.close()
+    assert row is not None and row[0] > 0, row
+
+
 def test_pending_count_uses_the_partial_index(engine: Engine) -> None:
     _big_table_few_pending(engine)
     from sqlalchemy import func, select

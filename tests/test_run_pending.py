@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 import jobapp
 from batchjobs import JobContext, run_pending
 from batchjobs.schema import Failure
-from conftest import effects
+from conftest import count_claims, effects
 
 
 def add_items(engine: Engine, count: int, start: int = 1, **values: object) -> None:
@@ -143,9 +143,9 @@ def test_commit_interval_releases_unhandled_rows(engine: Engine, behaviour: joba
         assert set(seen_done_before.values()) == {expected}, interval
 
 
-def test_chunks_continue_after_the_last_row_reached(engine: Engine, behaviour: jobapp.Behaviour) -> None:
-    """Each claim continues after the rows the previous chunk reached, so rows are handled in key
-    order even when a chunk commits early and leaves the rest of its rows unhandled."""
+def test_a_chunk_that_commits_early_continues_after_its_last_row(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """The walk continues after the last row a chunk reached, not after the last it claimed:
+    rows a chunk released unhandled by committing early come next, in key order."""
     from batchjobs import Registry
 
     add_items(engine, 30)
@@ -156,15 +156,19 @@ def test_chunks_continue_after_the_last_row_reached(engine: Engine, behaviour: j
     def note(item: jobapp.Item) -> None:
         handled.append(item.id)
 
+    claims = count_claims(engine, "items")
     # commit_interval=0 commits after every row: each chunk of 10 handles just its first row.
     summary = run_pending(registry, engine, commit_interval=0.0)
     assert summary.done == 30
     assert handled == list(range(1, 31))
+    # Rows 2-22 continue the walk. The claim for row 22 comes back short (9 rows left), so from
+    # row 23 on each claim starts over, and the last one finds nothing.
+    assert claims == {"after": 21, "start": 10}, claims
 
 
-def test_rows_passed_by_are_handled_in_the_same_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:
-    """A row that becomes pending behind the walk (requeued, or freed by another run) is found by
-    the claim from the start that ends a run, not left for the next run."""
+def test_rows_passed_by_are_handled_once_the_walk_ends(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """Each claim continues after the previous chunk; a row that becomes pending behind the walk
+    is found by the claim from the start that follows the end of the walk, in the same run."""
     from batchjobs import Registry
 
     add_items(engine, 30)
@@ -174,14 +178,19 @@ def test_rows_passed_by_are_handled_in_the_same_run(engine: Engine, behaviour: j
     @registry.flag_job(jobapp.Item.processed, batch_size=10)
     def requeue_behind(item: jobapp.Item, ctx: JobContext) -> None:
         handled.append(item.id)
-        if item.id == 25:
-            # Row 3 was done two chunks ago; flip it back to pending, as an admin might.
+        if item.id == 15:
+            # Row 3 was done a chunk ago; flip it back to pending, as an admin might.
             ctx.session.execute(text("UPDATE items SET processed = false WHERE id = 3"))
 
+    claims = count_claims(engine, "items")
     summary = run_pending(registry, engine)
     assert summary.done == 31
+    # Claiming from the start every time would have taken row 3 right after row 20.
     assert handled == [*range(1, 31), 3]
     assert all(processed(engine).values())
+    # Chunks 2 and 3 and the empty end of the walk continue; then two claims start over: the
+    # one that finds row 3, and the one that finds nothing and ends the run.
+    assert claims == {"start": 3, "after": 3}, claims
 
 
 def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(pg_engine: Engine, behaviour: jobapp.Behaviour) -> None:

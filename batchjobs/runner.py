@@ -175,11 +175,16 @@ def run_pending(
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
     deadline = started + max_runtime if max_runtime is not None else None
-    run = _Run(registry, dialect, dialect.claiming(engine), clock(), commit_interval, stop, deadline, clock, raise_errors)
+    run_started = clock()
+    bind = dialect.claiming(engine)
     # The claiming engine is this run's own copy: the counter sees this run's statements only.
-    event.listen(run.bind, "before_cursor_execute", run.executed)
+    executed = _StatementCounter()
+    event.listen(bind, "before_cursor_execute", executed)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
-    with record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext():
+    # One connection for the whole run, a transaction per chunk: taking a connection from the
+    # pool and giving it back cost a tenth of a plain-row chunk's client time.
+    with record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext(), bind.connect() as connection:
+        run = _Run(registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors)
         active = list(selected)
         while active and not run.should_stop():
             for job in list(active):
@@ -207,17 +212,17 @@ class _StatementCounter:
 class _Run:
     registry: Registry
     dialect: Dialect
-    bind: Engine
+    connection: Connection
     run_started: datetime
     commit_interval: float
     stop: StopRequest
     deadline: float | None
     clock: Callable[[], datetime]
+    executed: _StatementCounter
     raise_errors: bool = False
     statements: dict[tuple[str, int], ChunkStatements] = field(default_factory=dict)
     #: Per job, the primary key the next claim continues after.
     after: dict[str, Any] = field(default_factory=dict)
-    executed: _StatementCounter = field(default_factory=_StatementCounter)
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:
@@ -305,13 +310,21 @@ class _Run:
 
     @contextmanager
     def _transaction(self, bare: bool) -> Iterator[tuple[_ChunkSession | None, Connection]]:
-        """The chunk's session and its connection; with ``bare``, a connection and no session."""
-        if bare:
-            with self.bind.connect() as connection:
+        """The chunk's session and the run's connection; with ``bare``, the connection alone.
+
+        The chunk's transaction is rolled back unless it was committed.
+        """
+        connection = self.connection
+        try:
+            if bare:
                 yield None, connection
-        else:
-            with _ChunkSession(self.bind, expire_on_commit=False, autoflush=False) as session:
-                yield session, session.connection()
+            else:
+                # A session on a connection outside a transaction begins one and commits it.
+                with _ChunkSession(connection, expire_on_commit=False, autoflush=False) as session:
+                    yield session, session.connection()
+        finally:
+            if connection.in_transaction():
+                connection.rollback()
 
     def _report(self, job: FlagJob, failure: RowFailure) -> None:
         attempt = failure.attempts_before + 1

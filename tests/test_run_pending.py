@@ -218,6 +218,30 @@ def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(pg_engine: Engi
     assert handled == [*(i for i in range(1, 31) if i != 5), 5]
 
 
+def test_a_run_takes_one_connection_for_all_its_chunks(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """Chunks are transactions on one connection; taking one from the pool per chunk costs
+    more client time than a small chunk's claim."""
+    from sqlalchemy import event
+
+    from batchjobs.db import prepare
+
+    add_items(engine, 100)
+    checkouts: list[object] = []
+
+    def checkout(dbapi_connection: object, *_args: object) -> None:
+        checkouts.append(dbapi_connection)
+
+    pool = prepare(engine)[0].pool
+    event.listen(pool, "checkout", checkout)
+    try:
+        summary = run_pending(jobapp.jobs, engine, jobs=["process_item"], batch_size=10, record=False)
+    finally:
+        event.remove(pool, "checkout", checkout)
+    assert summary.done == 100
+    # One for the schema check before the run, one for the run's eleven chunks.
+    assert len(checkouts) == 2, checkouts
+
+
 def test_max_runtime_stops_the_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:
     add_items(engine, 30)
     behaviour.sleep = 0.05

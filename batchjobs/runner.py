@@ -183,7 +183,8 @@ def run_pending(
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
-    with record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext(), bind.connect() as connection:
+    history = record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext()
+    with history, bind.connect() as connection:
         run = _Run(registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors)
         active = list(selected)
         while active and not run.should_stop():

@@ -20,9 +20,11 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy import Dialect as SQLADialect
 from sqlalchemy.orm import Session
 
 from batchjobs.dialects import KEYS, Dialect
+from batchjobs.direct import Statement
 from batchjobs.registry import FlagJob
 from batchjobs.schema import Failure, UTCDateTime
 
@@ -99,41 +101,48 @@ class ChunkStatements:
     every value that changes between chunks is a bound parameter.
     """
 
-    def __init__(self, job: FlagJob, dialect: Dialect, limit: int) -> None:
+    def __init__(self, job: FlagJob, dialect: Dialect, limit: int, direct_to: SQLADialect | None = None) -> None:
         self.job = job
         self.dialect = dialect
         # Looked up once: reading it means a mapper lookup, and it is needed for every chunk.
         self.pk_attr = job.primary_key_attr
-        self.claim = claim_statement(job, dialect, limit)
-        self.claim_after = claim_statement(job, dialect, limit, keyset=True)
-        self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
-            Failure.job == job.name, dialect.key_in(Failure.row_key)
+        # With ``direct_to``, the statements go straight to the driver (see batchjobs.direct);
+        # ORM objects are always loaded through the chunk's session.
+        self.claim = Statement(claim_statement(job, dialect, limit), direct_to)
+        self.claim_after = Statement(claim_statement(job, dialect, limit, keyset=True), direct_to)
+        self.failures = Statement(
+            select(Failure.row_key, Failure.attempts, _held_back()).where(
+                Failure.job == job.name, dialect.key_in(Failure.row_key)
+            ),
+            direct_to,
         )
-        self.mark = (
+        self.mark = Statement(
             update(job.table)
             .where(dialect.key_in(job.primary_key))
-            .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
+            .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns}),
+            direct_to,
         )
         # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
         self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
 
     def claim_rows(
-        self, executor: Session | Connection, now: datetime, run_started: datetime, after: Any = None
+        self, connection: Connection, session: Session | None, now: datetime, run_started: datetime, after: Any = None
     ) -> list[tuple[Any, str]]:
         """Lock pending rows: (row for the handler, row key) pairs, in key order.
 
-        ``executor`` is the chunk's Session for ORM objects, its Connection for plain rows. With
-        ``after`` (a primary-key value), only rows with a greater key are claimed.
+        ORM objects are loaded into ``session``; plain rows come straight from ``connection``.
+        With ``after`` (a primary-key value), only rows with a greater key are claimed.
         """
         params = {"now": now, "run_started": run_started}
-        stmt = self.claim
+        claim = self.claim
         if after is not None:
             params[AFTER] = after
-            stmt = self.claim_after
+            claim = self.claim_after
         if self.record is None:
-            return [(row, key) for row, key in executor.execute(stmt, params).all()]
+            assert session is not None, "ORM objects are loaded into a session"
+            return [(row, key) for row, key in session.execute(claim.statement, params).all()]
         make = self.record._make
-        return [(make(values[:-1]), values[-1]) for values in executor.execute(stmt, params).all()]
+        return [(make(values[:-1]), values[-1]) for values in claim.rows(connection, params)]
 
     def failure_states(
         self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime
@@ -147,7 +156,7 @@ class ChunkStatements:
         """
         keys_param = self.dialect.key_list(Failure.row_key, keys, connection.dialect)
         params = {KEYS: keys_param, "now": now, "run_started": run_started}
-        rows = connection.execute(self.failures, params)
+        rows = self.failures.rows(connection, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
     def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
@@ -155,4 +164,4 @@ class ChunkStatements:
         if keys:
             done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
             keys_param = self.dialect.key_list(self.job.primary_key, keys, connection.dialect)
-            connection.execute(self.mark, {KEYS: keys_param, **done})
+            self.mark.run(connection, {KEYS: keys_param, **done})

@@ -35,6 +35,9 @@ class Dialect:
 
     name = ""
 
+    #: Whether a run may send its chunk statements straight to the driver (see batchjobs.direct).
+    direct_statements = False
+
     def configure_engine(self, engine: Engine) -> None:
         """Install connection-level settings on an engine batchjobs created."""
 
@@ -83,6 +86,9 @@ class Dialect:
 
 class PostgreSQL(Dialect):
     name = "postgresql"
+    # Its chunk statements bind each chunk's keys as one JSON parameter (see key_in), so their
+    # SQL text never changes. SQLite's are expanding IN lists, rendered anew for every chunk.
+    direct_statements = True
 
     def claiming(self, engine: Engine) -> Engine:
         # SKIP LOCKED and the failure re-check after locking rely on each statement seeing what

@@ -23,11 +23,13 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Dialect as SQLADialect
 from sqlalchemy.orm import Session
 
 from batchjobs.claim import ChunkStatements
 from batchjobs.db import ensure_schema, prepare
 from batchjobs.dialects import Dialect
+from batchjobs.direct import direct_allowed
 from batchjobs.durations import format_duration
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure, clear_failures, record_failures, utcnow
@@ -185,7 +187,11 @@ def run_pending(
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
     history = record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext()
     with history, bind.connect() as connection:
-        run = _Run(registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors)
+        # Checked on the app's engine: the counter above is batchjobs' own listener.
+        direct_to = connection.dialect if dialect.direct_statements and direct_allowed(engine) else None
+        run = _Run(
+            registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors, direct_to
+        )
         active = list(selected)
         while active and not run.should_stop():
             for job in list(active):
@@ -221,6 +227,8 @@ class _Run:
     clock: Callable[[], datetime]
     executed: _StatementCounter
     raise_errors: bool = False
+    #: The SQLAlchemy dialect to compile chunk statements for when they go straight to the driver.
+    direct_to: SQLADialect | None = None
     statements: dict[tuple[str, int], ChunkStatements] = field(default_factory=dict)
     #: Per job, the primary key the next claim continues after.
     after: dict[str, Any] = field(default_factory=dict)
@@ -234,21 +242,20 @@ class _Run:
         """Claim, handle and commit one chunk; returns how many rows were claimed."""
         statements = self.statements.get((job.name, limit))
         if statements is None:
-            statements = self.statements[job.name, limit] = ChunkStatements(job, self.dialect, limit)
+            statements = ChunkStatements(job, self.dialect, limit, self.direct_to)
+            self.statements[job.name, limit] = statements
         # Handlers of plain rows that take no ctx have no handle on the chunk's transaction (their
         # rows are tuples, not objects of a session): they get no session at all.
         bare = statements.record is not None and not job.wants_context
         with self._transaction(bare) as (session, connection):
             now = self.clock()
-            # ORM objects are loaded through the session, plain rows straight from the connection.
-            executor: Session | Connection = connection if session is None or statements.record is not None else session
             after = self.after.get(job.name)
-            claimed = statements.claim_rows(executor, now, self.run_started, after)
+            claimed = statements.claim_rows(connection, session, now, self.run_started, after)
             if not claimed and after is not None:
                 # The walk reached the end. One claim from the start picks up rows it passed by:
                 # locked by another run then, requeued since, or inserted with a lower key.
                 del self.after[job.name]
-                claimed = statements.claim_rows(executor, now, self.run_started)
+                claimed = statements.claim_rows(connection, session, now, self.run_started)
             if not claimed:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
@@ -318,6 +325,9 @@ class _Run:
         connection = self.connection
         try:
             if bare:
+                # Begun here, not by the first statement: a direct statement bypasses SQLAlchemy's
+                # autobegin, and the commit must know there is a transaction to commit.
+                connection.begin()
                 yield None, connection
             else:
                 # A session on a connection outside a transaction begins one and commits it.

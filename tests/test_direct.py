@@ -1,0 +1,187 @@
+"""On PostgreSQL a run sends its own chunk statements straight to psycopg (batchjobs.direct):
+the same rows with the same values, the same errors, as through SQLAlchemy, and SQLAlchemy again
+wherever logging or a listener would miss them."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import traceback
+import uuid
+from datetime import datetime
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from batchjobs import Registry, flag_column, run_pending
+from batchjobs.db import create_engine
+from batchjobs.direct import direct_allowed
+from batchjobs.migrate import migrate
+from batchjobs.schema import Failure
+from conftest import cli_env, run_cli, url_of
+from test_cli import assert_one_line_error
+from test_run_pending import add_items, processed
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Shouted(TypeDecorator[str]):
+    """Stored in lower case, read in upper case: shows that both conversions ran."""
+
+    impl = String(50)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else value.lower()
+
+    def process_result_value(self, value: str | None, dialect: Any) -> str | None:
+        return None if value is None else value.upper()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Parcel(Base):
+    __tablename__ = "parcels"
+
+    # Stored as 32 hex digits: every key bound or read goes through the column type's conversion.
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(native_uuid=False), primary_key=True)
+    label: Mapped[str] = mapped_column(Shouted())
+    color: Mapped[Color] = mapped_column(Enum(Color))
+    weight: Mapped[Decimal] = mapped_column(Numeric(10, 2))
+    shipped: Mapped[bool] = flag_column()
+    shipped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@pytest.fixture
+def parcels(pg_url: str) -> Iterator[Engine]:
+    engine = create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    migrate(engine)
+    with Session(engine) as session, session.begin():
+        session.add_all(
+            Parcel(id=uuid.uuid4(), label=f"Parcel {i}", color=Color.RED if i % 2 else Color.GREEN, weight=Decimal(f"{i}.25"))
+            for i in range(7)
+        )
+    yield engine
+    engine.dispose()
+
+
+def registry_for(seen: list[Any]) -> Registry:
+    registry = Registry()
+
+    # Chunks of 3: the keyset walk binds a hex-stored UUID after every chunk.
+    @registry.flag_job(Parcel.shipped, done_at=Parcel.shipped_at, columns=[Parcel.label, Parcel.color, Parcel.weight], batch_size=3)
+    def ship(parcel: Any) -> None:
+        seen.append(parcel)
+        if parcel.label == "PARCEL 4":
+            raise ValueError("address unknown")
+
+    return registry
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["direct", "listener-on-engine"])
+def test_plain_rows_keys_and_failures_are_the_same_either_way(parcels: Engine, observed: bool) -> None:
+    claims: list[str] = []
+    if observed:
+        @event.listens_for(parcels, "before_cursor_execute")
+        def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if "FOR NO KEY UPDATE" in statement:
+                claims.append(statement)
+
+    seen: list[Any] = []
+    summary = run_pending(registry_for(seen), parcels)
+
+    assert (summary.done, summary.failed) == (6, 1)
+    # Every value went through its column type, as SQLAlchemy hands it out.
+    assert sorted(row.label for row in seen) == [f"PARCEL {i}" for i in range(7)]
+    assert {type(row.id) for row in seen} == {uuid.UUID}
+    assert {row.label: (row.color, row.weight) for row in seen}["PARCEL 3"] == (Color.RED, Decimal("3.25"))
+    # Key order is the stored hex order, across chunks.
+    assert [row.id for row in seen] == sorted((row.id for row in seen), key=lambda key: key.hex)
+    with Session(parcels) as session:
+        pending = session.execute(select(Parcel.label, Parcel.shipped_at).where(Parcel.shipped.is_(False))).all()
+        shipped_at = session.scalars(select(Parcel.shipped_at).where(Parcel.shipped.is_(True))).all()
+        [failure] = session.scalars(select(Failure)).all()
+    assert pending == [("PARCEL 4", None)]
+    assert len(shipped_at) == 6 and None not in shipped_at
+    assert failure.row_key == next(row.id for row in seen if row.label == "PARCEL 4").hex
+    # A listener on the engine sees the run's claims: they went through SQLAlchemy.
+    assert len(claims) == (4 if observed else 0)
+
+
+def trace(*_args: Any) -> None:
+    pass
+
+
+def test_direct_is_used_only_where_nothing_logs_or_listens(pg_url: str) -> None:
+    plain, echoing, listened = create_engine(pg_url), create_engine(pg_url, echo=True), create_engine(pg_url)
+    event.listen(listened, "after_cursor_execute", lambda *_args: None)
+    sql_logger = logging.getLogger("sqlalchemy.engine")
+    level = sql_logger.level
+    try:
+        assert direct_allowed(plain)
+        assert not direct_allowed(echoing)
+        assert not direct_allowed(listened)
+        sql_logger.setLevel(logging.INFO)
+        assert not direct_allowed(plain)
+        sql_logger.setLevel(level)
+        # Tracing libraries may listen on every engine at once.
+        event.listen(Engine, "before_cursor_execute", trace)
+        assert not direct_allowed(plain)
+    finally:
+        sql_logger.setLevel(level)
+        if event.contains(Engine, "before_cursor_execute", trace):
+            event.remove(Engine, "before_cursor_execute", trace)
+        for engine in (plain, echoing, listened):
+            engine.dispose()
+
+
+RAISE_ON_SHIP = """
+    CREATE FUNCTION refuse_shipping() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION 'shipping is closed'; END $$;
+    CREATE TRIGGER refuse_shipping BEFORE UPDATE OF shipped ON parcels
+    FOR EACH ROW EXECUTE FUNCTION refuse_shipping();
+"""
+
+
+def test_a_database_error_is_raised_as_sqlalchemy_raises_it_and_the_chunk_rolls_back(parcels: Engine) -> None:
+    with parcels.begin() as connection:
+        connection.execute(text(RAISE_ON_SHIP))
+    seen: list[Any] = []
+
+    with pytest.raises(DBAPIError) as caught:
+        run_pending(registry_for(seen), parcels)
+
+    assert isinstance(caught.value.orig, psycopg.errors.RaiseException)
+    assert "shipping is closed" in str(caught.value)
+    # The mark was sent straight to the driver, not through SQLAlchemy.
+    assert any(frame.filename.endswith("batchjobs/direct.py") for frame in traceback.extract_tb(caught.value.__traceback__))
+    with Session(parcels) as session:
+        assert session.scalar(select(Parcel.id).where(Parcel.shipped.is_(True))) is None
+        assert session.scalars(select(Failure)).all() == []
+    with parcels.begin() as connection:
+        connection.execute(text("DROP TRIGGER refuse_shipping ON parcels"))
+    # The pool's connection came back usable: the next run ships everything.
+    assert run_pending(registry_for(seen), parcels).done == 6
+
+
+def test_cli_reports_the_database_error_in_one_line(pg_engine: Engine) -> None:
+    add_items(pg_engine, 5)
+    with pg_engine.begin() as connection:
+        connection.execute(text(RAISE_ON_SHIP.replace("shipped ON parcels", "processed ON items")))
+
+    result = run_cli("-A", "jobapp:jobs", "run-pending", env=cli_env(BATCHJOBS_DATABASE_URL=url_of(pg_engine)))
+
+    assert_one_line_error(result, "database error", "shipping is closed")
+    assert set(processed(pg_engine).values()) == {False}

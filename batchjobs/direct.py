@@ -17,39 +17,47 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Select, Update
 from sqlalchemy import Dialect as SQLADialect
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
 
 _Processor = Callable[[Any], Any]
 
 
+#: Engine events a direct statement would not fire: where any has a listener, nothing goes direct.
+_EXECUTION_EVENTS = ("before_execute", "after_execute", "before_cursor_execute", "after_cursor_execute")
+
+
 def direct_allowed(engine: Engine) -> bool:
-    """Whether statements on ``engine`` may bypass SQLAlchemy: nothing logs or observes them."""
-    dispatch = engine.dispatch
-    observed = bool(dispatch.before_cursor_execute) or bool(dispatch.after_cursor_execute)
-    return not observed and not engine.logger.isEnabledFor(logging.INFO)
+    """Whether statements on ``engine`` may bypass SQLAlchemy: nothing logs, observes or rewrites them."""
+    observed = any(getattr(engine.dispatch, name) for name in _EXECUTION_EVENTS) or engine.dialect.dispatch.do_execute
+    # A schema translate map is applied when SQLAlchemy executes a statement, not when it compiles it.
+    translated = engine.get_execution_options().get("schema_translate_map")
+    return not observed and not translated and not engine.logger.isEnabledFor(logging.INFO)
 
 
 class Statement:
     """One of a chunk's statements, built once per run and executed once per chunk.
 
     Without ``direct_to`` it is executed through SQLAlchemy. With a dialect in ``direct_to`` it is
-    compiled for it on first use and sent straight to the driver; the statement must then need no
-    per-execution rendering (no expanding or literal-execute parameters).
+    compiled for it on first use and sent straight to the driver, unless its SQL text depends on
+    the values (an expanding ``IN`` in a job's ``where=``): then it goes through SQLAlchemy too.
     """
 
-    def __init__(self, statement: Executable, direct_to: SQLADialect | None = None) -> None:
+    def __init__(self, statement: Select[Any] | Update, direct_to: SQLADialect | None = None) -> None:
         self.statement = statement
         self.direct_to = direct_to
         self._compiled: _Compiled | None = None
 
     def _direct(self) -> _Compiled | None:
         if self._compiled is None and self.direct_to is not None:
-            self._compiled = _Compiled(self.statement, self.direct_to)
+            compiled = cast(SQLCompiler, self.statement.compile(dialect=self.direct_to))
+            if compiled.literal_execute_params or compiled.post_compile_params:
+                self.direct_to = None
+            else:
+                self._compiled = _Compiled(self.statement, compiled, self.direct_to)
         return self._compiled
 
     def rows(self, connection: Connection, params: Mapping[str, Any]) -> Sequence[Any]:
@@ -57,7 +65,7 @@ class Statement:
         direct = self._direct()
         if direct is None:
             return connection.execute(self.statement, params).all()
-        return direct.rows(connection, params)
+        return direct.execute(connection, params, fetch=True)
 
     def run(self, connection: Connection, params: Mapping[str, Any]) -> None:
         """Execute a statement that returns no rows."""
@@ -65,66 +73,51 @@ class Statement:
         if direct is None:
             connection.execute(self.statement, params)
         else:
-            direct.execute(connection, params).close()
+            direct.execute(connection, params, fetch=False)
 
 
 class _Compiled:
-    """A statement compiled once, with what SQLAlchemy would do to its values at each execution."""
+    """A compiled statement, with what SQLAlchemy does to its values at each execution."""
 
-    def __init__(self, stmt: Executable, dialect: SQLADialect) -> None:
-        compiled = stmt.compile(dialect=dialect)
-        if compiled.literal_execute_params or compiled.post_compile_params:
-            raise ValueError("a direct statement cannot render its parameters per execution")
-        self.dialect = dialect
+    def __init__(self, stmt: Select[Any] | Update, compiled: SQLCompiler, dialect: SQLADialect) -> None:
+        self.compiled = compiled
         self.sql = compiled.string
-        # Values the statement carries itself (a job name in a WHERE clause); the rest are bound
-        # by name at each execution.
-        self.fixed = {name: bind.effective_value for name, bind in compiled.binds.items() if not bind.required}
-        self.bind_processors: dict[str, _Processor] = {}
-        for name, bind in compiled.binds.items():
+        escaped = compiled.escaped_bind_names
+        self.bind_processors: list[tuple[str, _Processor]] = []
+        for bind, name in compiled.bind_names.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
-                self.bind_processors[name] = process
-        self.result_types = [column.type for column in getattr(stmt, "selected_columns", ())]
+                self.bind_processors.append((escaped.get(name, name), process))
+        self.dialect = dialect
+        self.result_types = [column.type for column in stmt.selected_columns] if isinstance(stmt, Select) else []
         # Result processors depend on the driver's type codes, known after the first execution.
         self.result_processors: list[_Processor | None] | None = None
 
-    def execute(self, connection: Connection, params: Mapping[str, Any]) -> Any:
-        """Execute on the connection's DBAPI cursor; returns the cursor."""
-        values = {**self.fixed, **params}
-        for name, process in self.bind_processors.items():
-            values[name] = process(values[name])
+    def execute(self, connection: Connection, params: Mapping[str, Any], *, fetch: bool) -> Sequence[Any]:
+        """Execute on the connection's DBAPI cursor; with ``fetch``, return the rows."""
         dbapi_connection = connection.connection.dbapi_connection
         assert dbapi_connection is not None
-        cursor = dbapi_connection.cursor()
+        cursor = values = None
         try:
+            # The statement's own values (a job name), callables and bound names as rendered.
+            values = self.compiled.construct_params(params, escape_names=True)
+            for name, process in self.bind_processors:
+                values[name] = process(values[name])
+            cursor = dbapi_connection.cursor()
             cursor.execute(self.sql, values)
-        except self.dialect.loaded_dbapi.Error as error:
-            # Raised as SQLAlchemy would raise it, so callers catch one kind of error either way.
-            lost = self.dialect.is_disconnect(error, dbapi_connection, cursor)
-            if lost:
-                connection.invalidate(error)
-            raise DBAPIError.instance(
-                self.sql,
-                values,
-                error,
-                self.dialect.loaded_dbapi.Error,
-                hide_parameters=connection.engine.hide_parameters,
-                connection_invalidated=lost,
-                dialect=self.dialect,
-            ) from error
-        return cursor
-
-    def rows(self, connection: Connection, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        cursor = self.execute(connection, params)
-        rows = cursor.fetchall()
-        if self.result_processors is None:
-            self.result_processors = [
-                type_.dialect_impl(self.dialect).result_processor(self.dialect, column[1])
-                for type_, column in zip(self.result_types, cursor.description)
-            ]
-        cursor.close()
+            rows: Sequence[Any] = cursor.fetchall() if fetch else ()
+            if fetch and self.result_processors is None:
+                self.result_processors = [
+                    type_.dialect_impl(self.dialect).result_processor(self.dialect, column[1])
+                    for type_, column in zip(self.result_types, cursor.description)
+                ]
+            cursor.close()
+        except BaseException as error:
+            # SQLAlchemy's own error path, as for any statement it executes: the error wrapped as
+            # DBAPIError, handle_error hooks run, the connection (and pool) invalidated when the
+            # database went away, the cursor closed.
+            connection._handle_dbapi_exception(error, self.sql, values, cursor, None)
         processors = self.result_processors
-        if not any(processors):
-            return rows  # type: ignore[no-any-return]
+        if not rows or not processors or not any(processors):
+            return rows
         return [tuple(value if p is None else p(value) for p, value in zip(processors, row)) for row in rows]

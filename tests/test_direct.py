@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, select, text
+from sqlalchemy import DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -60,7 +60,8 @@ class Parcel(Base):
     color: Mapped[Color] = mapped_column(Enum(Color))
     weight: Mapped[Decimal] = mapped_column(Numeric(10, 2))
     shipped: Mapped[bool] = flag_column()
-    shipped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A column name SQLAlchemy has to escape in a bound parameter's name.
+    shipped_at: Mapped[datetime | None] = mapped_column("shipped.at", DateTime(timezone=True))
 
 
 @pytest.fixture
@@ -136,6 +137,7 @@ def test_direct_is_used_only_where_nothing_logs_or_listens(pg_url: str) -> None:
         sql_logger.setLevel(logging.INFO)
         assert not direct_allowed(plain)
         sql_logger.setLevel(level)
+        assert not direct_allowed(plain.execution_options(schema_translate_map={None: "app"}))
         # Tracing libraries may listen on every engine at once.
         event.listen(Engine, "before_cursor_execute", trace)
         assert not direct_allowed(plain)
@@ -185,3 +187,51 @@ def test_cli_reports_the_database_error_in_one_line(pg_engine: Engine) -> None:
 
     assert_one_line_error(result, "database error", "shipping is closed")
     assert set(processed(pg_engine).values()) == {False}
+
+
+def test_a_job_whose_where_expands_a_list_still_runs(parcels: Engine) -> None:
+    registry = Registry()
+    seen: list[Any] = []
+
+    # An expanding IN makes the claim's SQL depend on its values: it goes through SQLAlchemy.
+    @registry.flag_job(Parcel.shipped, where=Parcel.color.in_([Color.RED]), columns=[Parcel.label], batch_size=2)
+    def ship_red(parcel: Any) -> None:
+        seen.append(parcel.label)
+
+    assert run_pending(registry, parcels).done == 3
+    assert sorted(seen) == ["PARCEL 1", "PARCEL 3", "PARCEL 5"]
+
+
+def test_the_database_going_away_mid_chunk_invalidates_the_connection_and_loses_nothing(pg_url: str) -> None:
+    engine = create_engine(pg_url, connect_args={"application_name": "parcel-run"})
+    Base.metadata.create_all(engine)
+    migrate(engine)
+    with Session(engine) as session, session.begin():
+        session.add_all(Parcel(id=uuid.uuid4(), label=f"p{i}", color=Color.RED, weight=Decimal(1)) for i in range(5))
+    admin = create_engine(pg_url)
+    registry = Registry()
+    killed: list[str] = []
+
+    @registry.flag_job(Parcel.shipped, columns=[Parcel.label])
+    def ship(parcel: Any) -> None:
+        if parcel.label == "P2" and not killed:
+            killed.append(parcel.label)
+            # The run's chunk is the one connection idle in a transaction; wait until it is gone.
+            with admin.connect() as connection:
+                connection.execute(text(
+                    "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+                    " WHERE application_name = 'parcel-run' AND state = 'idle in transaction'"
+                ))
+
+    try:
+        with pytest.raises(DBAPIError) as caught:
+            run_pending(registry, engine)
+        # The mark-done UPDATE found the connection gone: raised and invalidated as SQLAlchemy does.
+        assert caught.value.connection_invalidated
+        assert isinstance(caught.value.orig, psycopg.OperationalError)
+        with Session(admin) as session:
+            assert session.scalar(select(func.count()).where(Parcel.shipped.is_(True))) == 0
+        assert run_pending(registry, engine).done == 5
+    finally:
+        admin.dispose()
+        engine.dispose()

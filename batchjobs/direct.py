@@ -1,16 +1,18 @@
 """Chunk statements sent straight to the database driver, for the run loop's hot path.
 
 A chunk of plain rows costs three statements of batchjobs' own (claim, failure re-check, mark
-done). Executed through SQLAlchemy, each paid about as much client time again for SQLAlchemy's
-per-execution work (execution context, parameter and result processing, events) as for the
-driver's: the statements themselves never change within a run, so that work repeats the same
-answer on every chunk. A direct :class:`Statement` is compiled once, keeps what SQLAlchemy would
-do to the values (the column types' bind and result processors), and sends the compiled SQL
-through the DBAPI cursor of the chunk's own connection, in the chunk's own transaction.
+done), and their SQL never changes within a run. Executed through SQLAlchemy, each execution
+repeated the same per-statement work (execution context, compiled-cache lookup, parameter and
+result processing, events): about 7,000 of the 27,600 client instructions per drained row. A
+direct :class:`Statement` is compiled once per run, keeps what SQLAlchemy does to the values (the
+column types' bind and result processors, its parameter building and its error handling), and
+sends the compiled SQL through the DBAPI cursor of the chunk's own connection, in the chunk's own
+transaction.
 
-What it does not do is fire SQLAlchemy's execution events or log SQL, so a run uses it only where
-nobody would notice (see :func:`direct_allowed`): with SQL logging or cursor-execute listeners on
-the engine (echo, tracing), every statement goes through SQLAlchemy as usual.
+What it skips is SQLAlchemy's SQL logging and execution events, so a run uses it only where
+nothing would miss them (see :func:`direct_allowed`): with echo, the ``sqlalchemy.engine`` logger
+at INFO, or any execution listener (tracing tools install them), every statement goes through
+SQLAlchemy as usual.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class Statement:
         if self._compiled is None and self.direct_to is not None:
             compiled = cast(SQLCompiler, self.statement.compile(dialect=self.direct_to))
             if compiled.literal_execute_params or compiled.post_compile_params:
-                self.direct_to = None
+                self.direct_to = None  # SQLAlchemy renders this SQL anew for every execution
             else:
                 self._compiled = _Compiled(self.statement, compiled, self.direct_to)
         return self._compiled

@@ -21,31 +21,38 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Select, Update
+from sqlalchemy import Connection, Select, Update
 from sqlalchemy import Dialect as SQLADialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 _Processor = Callable[[Any], Any]
 
 
-#: Engine events a direct statement would not fire: where any has a listener, nothing goes direct.
+#: Execution events a direct statement would not fire: where any has a listener, nothing goes direct.
 _EXECUTION_EVENTS = ("before_execute", "after_execute", "before_cursor_execute", "after_cursor_execute")
 
 
-def direct_allowed(engine: Engine) -> bool:
-    """Whether statements on ``engine`` may bypass SQLAlchemy: nothing logs, observes or rewrites them."""
-    observed = any(getattr(engine.dispatch, name) for name in _EXECUTION_EVENTS) or engine.dialect.dispatch.do_execute
+def direct_allowed(connection: Connection) -> bool:
+    """Whether statements on ``connection`` may bypass SQLAlchemy: nothing logs, observes or rewrites them.
+
+    Listeners are looked up on the connection itself, which sees those of its engine, of the
+    engine it was derived from, and of the ``Engine`` and ``Connection`` classes.
+    """
+    dispatch = connection.dispatch
+    observed = any(getattr(dispatch, name) for name in _EXECUTION_EVENTS) or connection.dialect.dispatch.do_execute
     # A schema translate map is applied when SQLAlchemy executes a statement, not when it compiles it.
-    translated = engine.get_execution_options().get("schema_translate_map")
-    return not observed and not translated and not engine.logger.isEnabledFor(logging.INFO)
+    translated = connection.get_execution_options().get("schema_translate_map")
+    return not observed and not translated and not connection.engine.logger.isEnabledFor(logging.INFO)
 
 
 class Statement:
     """One of a chunk's statements, built once per run and executed once per chunk.
 
     Without ``direct_to`` it is executed through SQLAlchemy. With a dialect in ``direct_to`` it is
-    compiled for it on first use and sent straight to the driver, unless its SQL text depends on
-    the values (an expanding ``IN`` in a job's ``where=``): then it goes through SQLAlchemy too.
+    compiled for it on first use and sent straight to the driver, unless SQLAlchemy does more at
+    each execution than bind values: render SQL that depends on them (an expanding ``IN`` in a
+    job's ``where=``) or compute column values (a Python-side ``onupdate=``, such as an app's
+    ``updated_at``). Those statements go through SQLAlchemy.
     """
 
     def __init__(self, statement: Select[Any] | Update, direct_to: SQLADialect | None = None) -> None:
@@ -56,8 +63,9 @@ class Statement:
     def _direct(self) -> _Compiled | None:
         if self._compiled is None and self.direct_to is not None:
             compiled = cast(SQLCompiler, self.statement.compile(dialect=self.direct_to))
-            if compiled.literal_execute_params or compiled.post_compile_params:
-                self.direct_to = None  # SQLAlchemy renders this SQL anew for every execution
+            per_execution = compiled.literal_execute_params or compiled.post_compile_params
+            if per_execution or compiled.update_prefetch or compiled.insert_prefetch:
+                self.direct_to = None
             else:
                 self._compiled = _Compiled(self.statement, compiled, self.direct_to)
         return self._compiled
@@ -85,11 +93,12 @@ class _Compiled:
         self.compiled = compiled
         self.sql = compiled.string
         escaped = compiled.escaped_bind_names
-        self.bind_processors: list[tuple[str, _Processor]] = []
+        # Keyed by the name as rendered: two binds of one name are one parameter, processed once.
+        self.bind_processors: dict[str, _Processor] = {}
         for bind, name in compiled.bind_names.items():
             process = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if process is not None:
-                self.bind_processors.append((escaped.get(name, name), process))
+                self.bind_processors[escaped.get(name, name)] = process
         self.dialect = dialect
         self.result_types = [column.type for column in stmt.selected_columns] if isinstance(stmt, Select) else []
         # Result processors depend on the driver's type codes, known after the first execution.
@@ -103,7 +112,7 @@ class _Compiled:
         try:
             # The statement's own values (a job name), callables and bound names as rendered.
             values = self.compiled.construct_params(params, escape_names=True)
-            for name, process in self.bind_processors:
+            for name, process in self.bind_processors.items():
                 values[name] = process(values[name])
             cursor = dbapi_connection.cursor()
             cursor.execute(self.sql, values)

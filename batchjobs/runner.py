@@ -179,16 +179,16 @@ def run_pending(
     deadline = started + max_runtime if max_runtime is not None else None
     run_started = clock()
     bind = dialect.claiming(engine)
-    # The claiming engine is this run's own copy: the counter sees this run's statements only.
     executed = _StatementCounter()
-    event.listen(bind, "before_cursor_execute", executed)
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
     history = record_run(engine, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext()
     with history, bind.connect() as connection:
-        # Checked on the app's engine: the counter above is batchjobs' own listener.
-        direct_to = connection.dialect if dialect.direct_statements and direct_allowed(engine) else None
+        # Checked before batchjobs adds its own listener, which counts statements on this run's
+        # connection only: a handler's among them tell that it used the database.
+        direct_to = connection.dialect if dialect.direct_statements and direct_allowed(connection) else None
+        event.listen(connection, "before_cursor_execute", executed)
         run = _Run(
             registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors, direct_to
         )

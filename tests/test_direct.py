@@ -8,14 +8,14 @@ import enum
 import logging
 import traceback
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, func, select, text
+from sqlalchemy import Connection, DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -125,26 +125,36 @@ def trace(*_args: Any) -> None:
     pass
 
 
+def allowed(engine: Engine) -> bool:
+    """direct_allowed on a connection derived from ``engine``, as a run's is."""
+    with engine.execution_options(isolation_level="READ COMMITTED").connect() as connection:
+        return direct_allowed(connection)
+
+
 def test_direct_is_used_only_where_nothing_logs_or_listens(pg_url: str) -> None:
     plain, echoing, listened = create_engine(pg_url), create_engine(pg_url, echo=True), create_engine(pg_url)
-    event.listen(listened, "after_cursor_execute", lambda *_args: None)
+    event.listen(listened, "before_execute", trace)
     sql_logger = logging.getLogger("sqlalchemy.engine")
     level = sql_logger.level
     try:
-        assert direct_allowed(plain)
-        assert not direct_allowed(echoing)
-        assert not direct_allowed(listened)
+        assert allowed(plain)
+        assert not allowed(echoing)
+        assert not allowed(listened)
         sql_logger.setLevel(logging.INFO)
-        assert not direct_allowed(plain)
+        assert not allowed(plain)
         sql_logger.setLevel(level)
-        assert not direct_allowed(plain.execution_options(schema_translate_map={None: "app"}))
-        # Tracing libraries may listen on every engine at once.
-        event.listen(Engine, "before_cursor_execute", trace)
-        assert not direct_allowed(plain)
+        assert not allowed(plain.execution_options(schema_translate_map={None: "app"}))
+        # Tracing libraries may listen on every engine, or every connection, at once.
+        for every in (Engine, Connection):
+            event.listen(every, "before_cursor_execute", trace)
+            assert not allowed(plain)
+            event.remove(every, "before_cursor_execute", trace)
+        assert allowed(plain)
     finally:
         sql_logger.setLevel(level)
-        if event.contains(Engine, "before_cursor_execute", trace):
-            event.remove(Engine, "before_cursor_execute", trace)
+        for every in (Engine, Connection):
+            if event.contains(every, "before_cursor_execute", trace):
+                event.remove(every, "before_cursor_execute", trace)
         for engine in (plain, echoing, listened):
             engine.dispose()
 
@@ -234,4 +244,34 @@ def test_the_database_going_away_mid_chunk_invalidates_the_connection_and_loses_
         assert run_pending(registry, engine).done == 5
     finally:
         admin.dispose()
+        engine.dispose()
+
+
+class Letter(Base):
+    """An app table with a Python-side onupdate column, as many have for updated_at."""
+
+    __tablename__ = "letters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    posted: Mapped[bool] = flag_column()
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), onupdate=lambda: datetime.now(timezone.utc))
+
+
+def test_marking_done_sets_onupdate_columns_as_sqlalchemy_does(pg_url: str) -> None:
+    engine = create_engine(pg_url)
+    Base.metadata.create_all(engine)
+    migrate(engine)
+    with Session(engine) as session, session.begin():
+        session.add_all(Letter(id=i) for i in range(3))
+    registry = Registry()
+
+    @registry.flag_job(Letter.posted, columns=[Letter.id])
+    def post(letter: Any) -> None:
+        pass
+
+    try:
+        assert run_pending(registry, engine).done == 3
+        with Session(engine) as session:
+            assert session.execute(select(Letter.posted, Letter.updated_at.is_not(None))).all() == [(True, True)] * 3
+    finally:
         engine.dispose()

@@ -3,7 +3,8 @@
 A chunk of plain rows costs three statements of batchjobs' own (claim, failure re-check, mark
 done), and their SQL never changes within a run. Executed through SQLAlchemy, each execution
 repeated the same per-statement work (execution context, compiled-cache lookup, parameter and
-result processing, events): about 7,000 of the 27,600 client instructions per drained row. A
+result processing, events): going direct cut the client's instructions per drained plain row
+from 27,900 to 20,000. A
 direct :class:`Statement` is compiled once per run, keeps what SQLAlchemy does to the values (the
 column types' bind and result processors, its parameter building and its error handling), and
 sends the compiled SQL through the DBAPI cursor of the chunk's own connection, in the chunk's own

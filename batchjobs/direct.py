@@ -4,11 +4,10 @@ A chunk of plain rows costs three statements of batchjobs' own (claim, failure r
 done), and their SQL never changes within a run. Executed through SQLAlchemy, each execution
 repeated the same per-statement work (execution context, compiled-cache lookup, parameter and
 result processing, events): going direct cut the client's instructions per drained plain row
-from 27,900 to 20,000. A
-direct :class:`Statement` is compiled once per run, keeps what SQLAlchemy does to the values (the
-column types' bind and result processors, its parameter building and its error handling), and
-sends the compiled SQL through the DBAPI cursor of the chunk's own connection, in the chunk's own
-transaction.
+from 27,900 to 20,000. A direct :class:`Statement` is compiled once per run, keeps what
+SQLAlchemy does to the values (the column types' bind and result processors, its parameter
+building and its error handling), and sends the compiled SQL through the DBAPI cursor of the
+chunk's own connection, in the chunk's own transaction.
 
 What it skips is SQLAlchemy's SQL logging and execution events, so a run uses it only where
 nothing would miss them (see :func:`direct_allowed`): with echo, the ``sqlalchemy.engine`` logger

@@ -18,10 +18,12 @@ from sqlalchemy import Dialect as SQLADialect
 from sqlalchemy import ColumnElement, Engine, Select, String, Table, any_, bindparam, cast, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
 from batchjobs.errors import BatchJobsError
+
+# SQLAlchemy's dialect modules (sqlalchemy.dialects.postgresql, .sqlite) are imported where they
+# are used: a cron tick on one database would otherwise import the other's, 10 to 35 ms.
 
 # Execution option that marks a connection as one that claims rows (see SQLite.configure_engine).
 _CLAIMS = "batchjobs_claims"
@@ -100,6 +102,8 @@ class PostgreSQL(Dialect):
         return stmt.with_for_update(key_share=True, skip_locked=True, of=table)
 
     def insert(self, table: Table) -> Insert:
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table)
 
     def key_in(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
@@ -108,7 +112,9 @@ class PostgreSQL(Dialect):
         # which cost more than everything else in the statement; a string is passed through as is.
         # = ANY(ARRAY(...)) rather than IN (SELECT ...): the planner probes an index with each key
         # instead of considering a hash join over every row of the table.
-        elements = func.json_array_elements_text(cast(bindparam(KEYS, type_=String()), postgresql.JSON))
+        from sqlalchemy.dialects.postgresql import JSON
+
+        elements = func.json_array_elements_text(cast(bindparam(KEYS, type_=String()), JSON))
         keys = select(cast(elements.table_valued("value").c.value, column.type)).scalar_subquery()
         return column == any_(func.array(keys))
 
@@ -179,6 +185,8 @@ class SQLite(Dialect):
         return engine.execution_options(**{_CLAIMS: True})
 
     def insert(self, table: Table) -> Insert:
+        from sqlalchemy.dialects import sqlite
+
         return sqlite.insert(table)
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:

@@ -8,8 +8,8 @@ import enum
 import logging
 import traceback
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 

@@ -179,7 +179,6 @@ def run_pending(
     deadline = started + max_runtime if max_runtime is not None else None
     run_started = clock()
     bind = dialect.claiming(engine)
-    executed = _StatementCounter()
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
@@ -188,10 +187,8 @@ def run_pending(
         # Checked before batchjobs adds its own listener, which counts statements on this run's
         # connection only: a handler's among them tell that it used the database.
         direct_to = connection.dialect if dialect.direct_statements and direct_allowed(connection) else None
-        event.listen(connection, "before_cursor_execute", executed)
-        run = _Run(
-            registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, executed, raise_errors, direct_to
-        )
+        run = _Run(registry, dialect, connection, run_started, commit_interval, stop, deadline, clock, raise_errors, direct_to)
+        event.listen(connection, "before_cursor_execute", run.executed)
         active = list(selected)
         while active and not run.should_stop():
             for job in list(active):
@@ -225,11 +222,11 @@ class _Run:
     stop: StopRequest
     deadline: float | None
     clock: Callable[[], datetime]
-    executed: _StatementCounter
     raise_errors: bool = False
     #: The SQLAlchemy dialect to compile chunk statements for when they go straight to the driver.
     direct_to: SQLADialect | None = None
     statements: dict[tuple[str, int], ChunkStatements] = field(default_factory=dict)
+    executed: _StatementCounter = field(default_factory=_StatementCounter)
     #: Per job, the primary key the next claim continues after.
     after: dict[str, Any] = field(default_factory=dict)
 

@@ -15,17 +15,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, bindparam, func, not_, select, text, true, update
-from sqlalchemy.types import NullType
+from sqlalchemy import ColumnElement, Engine, bindparam, not_, select, text, true
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.types import NullType
 
-from batchjobs.claim import row_key_sql
-from batchjobs.db import ensure_schema, prepare
-from batchjobs.dialects import KEYS
+from batchjobs.db import connect, ensure_schema
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import clear_failures, utcnow
-from batchjobs.registry import FlagJob, parse_key, pending_condition
+from batchjobs.registry import FlagJob, Registry, parse_key, pending_condition
+from batchjobs.store import store_for
+from batchjobs.store.base import advance
+from batchjobs.timeutil import utcnow
 
 ACTIONS = ("mark-done", "requeue")
 #: Above this many rows the CLI asks before changing anything (or needs --yes).
@@ -46,7 +45,7 @@ class Selection:
     def clause(self, job: FlagJob) -> ColumnElement[bool]:
         given = [bool(self.keys), self.id_range is not None, self.where is not None, self.everything]
         if sum(given) != 1:
-            raise BatchJobsError("choose exactly one selection: --row, --id-range, --where or --all")
+            raise BatchJobsError("choose exactly one selection: keys, a key range, a where clause or every row")
         pk = job.primary_key
         if self.keys:
             return pk.in_([parse_key(pk, key) for key in self.keys])
@@ -58,44 +57,25 @@ class Selection:
         return true()
 
     def _where(self) -> ColumnElement[bool]:
-        """The raw SQL of ``--where``, parenthesised and with every placeholder bound.
+        """The raw SQL of ``where``, parenthesised and with every placeholder bound.
 
         Raw SQL by design: admins know their tables. Values are bound, never pasted in, and left
         untyped so the database reads '15' as a number next to an integer column.
         """
         assert self.where is not None
         if not self.where.strip():
-            raise BatchJobsError("--where is empty; to select every row say --all")
+            raise BatchJobsError("the where clause is empty; to select every row, select everything")
         # Parentheses, so "a OR b" stays one condition next to batchjobs' own "AND ...".
         clause = text(f"({self.where})")
-        names = set(clause._bindparams)
+        names = set(clause.compile().params)
         missing = sorted(names - set(self.params))
         if missing:
-            raise BatchJobsError(f"--where uses :{', :'.join(missing)}; give a value with --param NAME=VALUE")
+            raise BatchJobsError(f"the where clause uses :{', :'.join(missing)}; give each a value")
         unused = sorted(set(self.params) - names)
         if unused:
-            raise BatchJobsError(f"--param {', '.join(unused)}: --where has no :{unused[0]} placeholder")
+            raise BatchJobsError(f"a value is given for {', '.join(unused)}, but the where clause has no :{unused[0]}")
         binds = [bindparam(name, value, type_=NullType()) for name, value in self.params.items()]
         return clause.bindparams(*binds)  # type: ignore[return-value]
-
-
-def parse_id_range(value: str) -> tuple[str, str]:
-    """``A:B`` -> (A, B), both ends included."""
-    low, sep, high = value.partition(":")
-    if not sep or not low or not high:
-        raise BatchJobsError(f"--id-range {value!r}: use FIRST:LAST, e.g. 1000:1999 (both included)")
-    return low, high
-
-
-def parse_params(values: tuple[str, ...]) -> dict[str, str]:
-    """``name=value`` pairs for ``:name`` placeholders in --where."""
-    params = {}
-    for value in values:
-        name, sep, bound = value.partition("=")
-        if not sep or not name.isidentifier():
-            raise BatchJobsError(f"--param {value!r}: use name=value, for a :name placeholder in --where")
-        params[name] = bound
-    return params
 
 
 def _plan(job: FlagJob, action: str, now: datetime) -> tuple[ColumnElement[bool], dict[str, Any]]:
@@ -119,14 +99,16 @@ class Preview:
     sample: list[str]
 
 
-def preview(engine: Engine, job: FlagJob, selection: Selection, action: str, sample_size: int = 10) -> Preview:
+def preview_change(registry: Registry, engine: Engine, job: str, selection: Selection, action: str, sample_size: int = 10) -> Preview:
     """Count the rows ``action`` would change, without changing anything."""
-    changes, _ = _plan(job, action, utcnow())
-    condition = selection.clause(job) & changes
-    with engine.connect() as conn:
-        count = conn.execute(select(func.count()).select_from(job.table).where(condition)).scalar_one()
-        sample = conn.scalars(select(job.primary_key).where(condition).order_by(job.primary_key).limit(sample_size))
-        return Preview(rows=int(count), sample=[str(key) for key in sample])
+    flag_job = registry.job(job)
+    changes, _ = _plan(flag_job, action, utcnow())
+    condition = selection.clause(flag_job) & changes
+    store = store_for(engine)
+    with connect(store.engine) as connection:
+        count = store.count_rows(connection, select(flag_job.primary_key).where(condition))
+        sample = store.row_keys(connection, flag_job, condition, sample_size)
+    return Preview(rows=count, sample=[str(key) for key, _ in sample])
 
 
 @dataclass
@@ -136,9 +118,10 @@ class ChangeResult:
     chunks: int = 0
 
 
-def apply(
+def change_rows(
+    registry: Registry,
     engine: Engine,
-    job: FlagJob,
+    job: str,
     selection: Selection,
     action: str,
     *,
@@ -148,45 +131,37 @@ def apply(
 ) -> ChangeResult:
     """Mark the selected rows done, or requeue them; clears their failure records either way.
 
-    A requeued row is eligible at once (its backoff and dead state are forgotten); a row marked
-    done no longer shows up as failing.
+    Commits each chunk as it goes. A requeued row is eligible at once (its backoff and dead
+    state are forgotten); a row marked done no longer shows up as failing.
     """
+    flag_job = registry.job(job)
     if chunk_size < 1:
         raise BatchJobsError(f"chunk size must be at least 1, got {chunk_size}")
     if lock_timeout <= 0:
         # PostgreSQL reads a lock_timeout of 0 as "wait forever", the opposite of what it says.
         raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
-    engine, dialect = prepare(engine)
-    ensure_schema(engine)
-    bind = dialect.claiming(engine)
-    chosen = selection.clause(job)
-    pk = job.primary_key
+    store = store_for(engine)
+    ensure_schema(store.engine)
+    chosen = selection.clause(flag_job)
     result = ChangeResult()
     cursor: Any = None
     while True:
-        changes, values = _plan(job, action, utcnow())
-        walk = select(pk, row_key_sql(job)).where(chosen).order_by(pk).limit(chunk_size)
-        if action == "mark-done":
-            # Only pending rows can change; this rides the partial pending index.
-            walk = walk.where(changes)
-        if cursor is not None:
-            walk = walk.where(pk > cursor)
+        changes, values = _plan(flag_job, action, utcnow())
+        # For mark-done only pending rows can change, and so the walk rides the partial pending index.
+        walked = chosen & changes if action == "mark-done" else chosen
         for attempt in range(1, LOCK_RETRIES + 1):
             try:
-                with Session(bind) as session, session.begin():
-                    dialect.limit_lock_wait(session, lock_timeout)
-                    rows = session.execute(walk).all()
+                with store.claiming().begin() as connection:
+                    store.limit_lock_wait(connection, lock_timeout)
+                    rows = store.row_keys(connection, flag_job, walked, chunk_size, after=cursor)
                     if not rows:
                         return result
                     keys = [key for key, _ in rows]
-                    changed = session.execute(
-                        update(job.table).where(dialect.key_in(pk), changes).values(values),
-                        {KEYS: dialect.key_list(pk, keys, session.get_bind().dialect)},
-                    )
-                    cleared = clear_failures(session, dialect, job, [row_key for _, row_key in rows])
+                    changed = store.update_rows(connection, flag_job, keys, changes, values)
+                    cleared = store.clear_failures(connection, flag_job.name, [row_key for _, row_key in rows])
                 break
             except DBAPIError as exc:
-                if not dialect.is_lock_timeout(exc):
+                if not store.is_lock_timeout(exc):
                     raise
                 if attempt == LOCK_RETRIES:
                     after = f"after key {cursor}" if cursor is not None else "at the start"
@@ -195,12 +170,9 @@ def apply(
                         f"{result.rows} rows were changed so far: run the command again to continue"
                     ) from None
                 time.sleep(0.1 * attempt)
-        result.rows += int(changed.rowcount or 0)
+        result.rows += changed
         result.failures_cleared += cleared
         result.chunks += 1
-        if cursor is not None and not keys[-1] > cursor:
-            # Keyset order must move forward; anything else would walk the same rows forever.
-            raise BatchJobsError(f"the selection did not move past key {cursor}; check --where")
-        cursor = keys[-1]
+        cursor = advance(cursor, keys[-1])
         if progress is not None:
             progress(len(keys))

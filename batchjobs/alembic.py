@@ -12,6 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from batchjobs.store import store_class
+
 
 def add_flag_column(
     op: Any,
@@ -38,16 +40,8 @@ def add_flag_column(
     if existing_rows not in ("done", "pending"):
         raise ValueError(f"existing_rows must be 'done' or 'pending', not {existing_rows!r}")
     bind = op.get_bind()
-    postgresql = bind.dialect.name == "postgresql"
-    done = existing_rows == "done"
-    if done and postgresql:
-        # Existing rows take the column default at ADD time; then new rows get "pending".
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
-        op.alter_column(table, column, server_default=sa.false())
-    else:
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
-        if done:
-            op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
+    store = store_class(bind.dialect.name)
+    store.add_flag_column(op, table, column, existing_done=existing_rows == "done")
     if not index:
         return
     if primary_key is None:
@@ -59,12 +53,7 @@ def add_flag_column(
         primary_key = found[0]
     # Same expression as pending_index(), so the claim query matches the index.
     pending = sa.column(column, sa.Boolean()) == sa.false()
-    name = index_name or f"ix_{table}_{column}_pending"
-    if postgresql:
-        with op.get_context().autocommit_block():
-            op.create_index(name, table, [primary_key], postgresql_where=pending, postgresql_concurrently=True)
-    else:
-        op.create_index(name, table, [primary_key], sqlite_where=pending)
+    store.create_pending_index(op, index_name or f"ix_{table}_{column}_pending", table, primary_key, pending)
 
 
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:

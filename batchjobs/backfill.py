@@ -17,15 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, event, func, select
+from sqlalchemy import Connection, Engine, Select, event
 from sqlalchemy.orm import Session
 
-from batchjobs.db import ensure_schema, prepare
+from batchjobs.db import connection_for, ensure_schema
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import utcnow
 from batchjobs.registry import Backfill, BackfillContext, Registry, parse_key
-from batchjobs.runner import StopRequest
-from batchjobs.schema import BackfillState
+from batchjobs.signals import StopRequest
+from batchjobs.store import Store, store_for
+from batchjobs.store.base import advance
+from batchjobs.store.tables import BackfillState
+from batchjobs.timeutil import utcnow
 
 logger = logging.getLogger("batchjobs.backfill")
 
@@ -45,15 +47,14 @@ class BackfillResult:
     changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _remaining(backfill: Backfill, cursor: Any) -> Any:
+def _remaining(backfill: Backfill, cursor: Any) -> Select[Any]:
+    """The rows of the backfill's query that the walk has not reached yet."""
     query = backfill.query.order_by(None)
-    if cursor is not None:
-        query = query.where(backfill.primary_key > cursor)
-    return query
+    return query if cursor is None else query.where(backfill.primary_key > cursor)
 
 
-def _cursor(backfill: Backfill, state: BackfillState) -> Any:
-    return parse_key(backfill.primary_key, state.cursor) if state.cursor is not None else None
+def _cursor(backfill: Backfill, state: BackfillState | None) -> Any:
+    return parse_key(backfill.primary_key, state.cursor) if state is not None and state.cursor is not None else None
 
 
 def run_backfill(
@@ -68,18 +69,18 @@ def run_backfill(
 ) -> BackfillResult:
     """Run (or resume) a backfill until its query has no rows left, ``stop`` is set, or it fails.
 
-    ``restart`` starts over from the first row. ``throttle`` sleeps that many seconds between
+    Each chunk commits with the saved position. ``restart`` starts over from the first row. ``throttle`` sleeps that many seconds between
     chunks, to leave the database room. ``progress`` is called after each committed chunk with
     (rows in the chunk, total rows expected, counted once at the start).
     """
     backfill = registry.get_backfill(name)
-    engine, dialect = prepare(engine)
-    ensure_schema(engine)
-    bind = dialect.claiming(engine)
+    store = store_for(engine)
+    ensure_schema(store.engine)
+    bind = store.claiming()
     stop = stop if stop is not None else StopRequest()
     pk_attr = backfill.primary_key_attr
     with Session(bind, expire_on_commit=False) as session, session.begin():
-        state = session.get(BackfillState, name, with_for_update=True)
+        state = store.backfill_state(session, name, lock=True)
         now = utcnow()
         if state is None:
             state = BackfillState(name=name, rows_done=0, started_at=now)
@@ -87,22 +88,21 @@ def run_backfill(
         if restart:
             state.cursor, state.rows_done, state.started_at = None, 0, now
         state.status, state.updated_at, state.finished_at, state.last_error = "running", now, None, None
-        remaining = _remaining(backfill, _cursor(backfill, state)).subquery()
-        total = state.rows_done + session.execute(select(func.count()).select_from(remaining)).scalar_one()
+        total = state.rows_done + store.count_rows(session, _remaining(backfill, _cursor(backfill, state)))
         state.total = total
     result = BackfillResult(name=name, status="running", total=total)
     ctx_logger = logger.getChild(name)
     while True:
         if stop:
-            _set_status(bind, name, "interrupted")
+            _set_status(store, name, "interrupted")
             result.status = "interrupted"
             return result
         try:
             with Session(bind, expire_on_commit=False, autoflush=False) as session, session.begin():
-                state = session.get(BackfillState, name, with_for_update=True)
+                state = store.backfill_state(session, name, lock=True)
                 assert state is not None
-                query = _remaining(backfill, _cursor(backfill, state))
-                rows = list(session.scalars(query.order_by(backfill.primary_key).limit(backfill.chunk_size)))
+                cursor = _cursor(backfill, state)
+                rows = store.next_objects(session, backfill.query, backfill.primary_key, cursor, backfill.chunk_size)
                 now = utcnow()
                 if not rows:
                     state.status, state.finished_at, state.updated_at = "finished", now, now
@@ -110,12 +110,12 @@ def run_backfill(
                     return result
                 backfill.call(rows, BackfillContext(session=session, backfill=backfill, logger=ctx_logger))
                 session.flush()
-                state.cursor = str(getattr(rows[-1], pk_attr))
+                state.cursor = str(advance(cursor, getattr(rows[-1], pk_attr)))
                 state.rows_done += len(rows)
                 state.updated_at = now
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            _set_status(bind, name, "failed", error)
+            _set_status(store, name, "failed", error)
             logger.error("backfill %s failed: %s", name, error, exc_info=exc)
             raise BatchJobsError(
                 f"backfill {name} failed after {result.rows} rows this run: {error.splitlines()[0]}; "
@@ -129,22 +129,22 @@ def run_backfill(
             time.sleep(throttle)
 
 
-def _set_status(bind: Engine, name: str, status: str, error: str | None = None) -> None:
-    with Session(bind) as session, session.begin():
-        state = session.get(BackfillState, name, with_for_update=True)
+def _set_status(store: Store, name: str, status: str, error: str | None = None) -> None:
+    with Session(store.claiming()) as session, session.begin():
+        state = store.backfill_state(session, name, lock=True)
         if state is not None:
             state.status, state.updated_at, state.last_error = status, utcnow(), error
 
 
 def dry_run_backfill(registry: Registry, engine: Engine, name: str, restart: bool = False) -> BackfillResult:
-    """Run the next chunk (the first one with ``restart``) in a transaction that is rolled back.
+    """Run the next chunk (the first one with ``restart``) in a transaction that is rolled back; changes nothing.
 
     Changes are counted per table from the statements the chunk executes (the ORM's flush and
     anything the function runs itself), using the rows each statement reported.
     """
     backfill = registry.get_backfill(name)
-    engine, _ = prepare(engine)
-    ensure_schema(engine)
+    store = store_for(engine)
+    ensure_schema(store.engine)
     changes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
@@ -153,13 +153,11 @@ def dry_run_backfill(registry: Registry, engine: Engine, name: str, restart: boo
             kind = match.group(1).split()[0].lower()
             changes[match.group(2)][kind] += cursor.rowcount
 
-    with Session(engine, autoflush=False) as session:
+    with Session(store.engine, autoflush=False) as session:
         try:
-            state = session.get(BackfillState, name)
-            cursor = _cursor(backfill, state) if state is not None and not restart else None
-            query = _remaining(backfill, cursor)
-            total = session.execute(select(func.count()).select_from(query.subquery())).scalar_one()
-            rows = list(session.scalars(query.order_by(backfill.primary_key).limit(backfill.chunk_size)))
+            cursor = None if restart else _cursor(backfill, store.backfill_state(session, name))
+            total = store.count_rows(session, _remaining(backfill, cursor))
+            rows = store.next_objects(session, backfill.query, backfill.primary_key, cursor, backfill.chunk_size)
             connection = session.connection()
             event.listen(connection, "after_cursor_execute", count)
             try:
@@ -198,10 +196,10 @@ class BackfillInfo:
         return dict(self.__dict__)
 
 
-def list_backfills(connection: Connection, registry: Registry) -> list[BackfillInfo]:
-    """Every backfill the registry defines or the database remembers, with where it got to."""
-    with Session(connection) as session:
-        states = {s.name: s for s in session.scalars(select(BackfillState))}
+def list_backfills(registry: Registry, bind: Engine | Connection) -> list[BackfillInfo]:
+    """Every backfill the registry defines or the database remembers, with where it got to. Reads only."""
+    with connection_for(bind) as connection:
+        states = {s.name: s for s in store_for(connection.engine).backfill_states(connection)}
     infos = []
     for name in sorted(set(registry.backfills) | set(states)):
         state = states.get(name)

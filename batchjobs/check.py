@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
-from batchjobs.durations import format_duration, parse_duration
+from batchjobs.db import connection_for
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import utcnow
 from batchjobs.monitoring import last_run, status
+from batchjobs.registry import Registry
+from batchjobs.timeutil import format_duration, parse_duration, utcnow
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -84,8 +85,8 @@ class CheckResult:
 
 
 def run_check(
-    connection: Connection,
-    registry: object,
+    registry: Registry,
+    bind: Engine | Connection,
     *,
     jobs: Sequence[str] = (),
     max_pending: Threshold = NO_LIMIT,
@@ -94,13 +95,12 @@ def run_check(
     max_since_last_run: Threshold = NO_LIMIT,
     now: datetime | None = None,
 ) -> CheckResult:
-    """Evaluate the thresholds for the chosen jobs (all by default) against the database."""
-    from batchjobs.registry import Registry
-
-    assert isinstance(registry, Registry)
+    """Evaluate the thresholds for the chosen jobs (all by default) against the database. Reads only."""
     now = now or utcnow()
     chosen = {job.name for job in registry.select(jobs=jobs)}
-    current = status(connection, registry, now=now)
+    with connection_for(bind) as connection:
+        current = status(registry, connection, now=now)
+        latest = last_run(registry, connection, job=jobs[0] if len(jobs) == 1 else None, now=now)
     code = OK
     problems: list[str] = []
     perfdata: list[str] = []
@@ -134,7 +134,6 @@ def run_check(
         perfdata.append(f"'{job.name}_dead'={max_dead.perf(job.dead)}")
         perfdata.append(f"'{job.name}_backoff'={NO_LIMIT.perf(job.backoff)}")
 
-    latest = last_run(connection, now, job=jobs[0] if len(jobs) == 1 else None)
     if latest is None:
         last = "no run recorded yet"
         if max_since_last_run.crit is not None:

@@ -16,11 +16,11 @@ from sqlalchemy.exc import DBAPIError
 
 from batchjobs import failures as failures_api
 from batchjobs.db import check_schema, connect, create_engine, ensure_schema, first_line, resolve_database_url
-from batchjobs.durations import format_duration, parse_duration
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import utcnow
 from batchjobs.logs import configure as configure_logging
 from batchjobs.registry import Registry, load_registry
+from batchjobs.text import table_lines
+from batchjobs.timeutil import format_duration, parse_duration, utcnow
 
 
 class _Group(click.Group):
@@ -64,9 +64,9 @@ class _State:
             self._registry = load_registry(self.app)
         return self._registry
 
-    def engine(self) -> Engine:
+    def engine(self, **kwargs: Any) -> Engine:
         registry_url = self.registry().database_url if self.app else None
-        return create_engine(resolve_database_url(self.database_url, registry_url))
+        return create_engine(resolve_database_url(self.database_url, registry_url), **kwargs)
 
     def connect(self) -> Connection:
         """A connection to a database whose batchjobs tables are up to date."""
@@ -97,9 +97,7 @@ DURATION = _Duration()
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join(table_lines(headers, rows))
 
 
 def _echo_json(data: Any) -> None:
@@ -192,13 +190,15 @@ def run_pending_command(
     (cron mails any output). Failures are logged to stderr with their traceback.
     SIGTERM or Ctrl-C finishes the current row, commits, and exits.
     """
-    from batchjobs.runner import StopRequest, run_pending, stop_on_signals
+    from batchjobs.runner import run_pending
+    from batchjobs.signals import stop_on_signals
 
     configure_logging(log_format, verbose)
     registry = state.registry()
-    engine = state.engine()
+    # Threads share the engine's pool: one connection each, and one for the run history.
+    engine = state.engine(pool_size=concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
     options = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval)
-    with stop_on_signals(StopRequest()) as stop:
+    with stop_on_signals() as stop:
         if concurrency == 1:
             summary = run_pending(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
         else:
@@ -227,7 +227,7 @@ def jobs_command(state: _State, as_json: bool) -> None:
 
     registry = state.registry()
     with connect(state.engine()) as connection:
-        infos = list_jobs(connection, registry)
+        infos = list_jobs(registry, connection)
     if as_json:
         _echo_json([info.as_json() for info in infos])
     else:
@@ -317,7 +317,7 @@ def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) 
     """Rows that are failing (waiting to retry) or dead, oldest first."""
     registry = state.registry()
     with state.connect() as connection:
-        rows = failures_api.list_failures(connection, registry, job=job, dead_only=dead)
+        rows = failures_api.list_failures(registry, connection, job=job, dead_only=dead)
     if as_json:
         _echo_json([row.as_json() for row in rows])
         return
@@ -351,10 +351,10 @@ def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) 
 @click.pass_obj
 def retry_command(state: _State, job: str, rows: tuple[str, ...], all_dead: bool, everything: bool) -> None:
     """Clear failure records so the rows are tried again on the next run."""
+    if sum((bool(rows), all_dead, everything)) != 1:
+        raise BatchJobsError("choose exactly one of --row KEY, --all-dead or --all")
     registry = state.registry()
-    with state.connect() as connection:
-        count = failures_api.retry(connection, registry, job, row_keys=rows, all_dead=all_dead, everything=everything)
-        connection.commit()
+    count = failures_api.retry(registry, state.engine(), job, row_keys=rows, all_dead=all_dead, everything=everything)
     click.echo(f"{count} row(s) of {job} will be tried again on the next run")
 
 
@@ -366,7 +366,7 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
     """The full last error of one failing row, traceback included."""
     registry = state.registry()
     with state.connect() as connection:
-        failure = failures_api.show_failure(connection, registry, job, key)
+        failure = failures_api.show_failure(registry, connection, job, key)
     if failure.dead:
         state_line = "dead"
     elif failure.next_attempt_at is None:
@@ -443,25 +443,47 @@ def _selection_options(command: Any) -> Any:
     return command
 
 
+def _id_range(value: str) -> tuple[str, str]:
+    """``A:B`` -> (A, B), both ends included."""
+    low, sep, high = value.partition(":")
+    if not sep or not low or not high:
+        raise BatchJobsError(f"--id-range {value!r}: use FIRST:LAST, e.g. 1000:1999 (both included)")
+    return low, high
+
+
+def _params(values: tuple[str, ...]) -> dict[str, str]:
+    """``name=value`` pairs for ``:name`` placeholders in --where."""
+    params = {}
+    for value in values:
+        name, sep, bound = value.partition("=")
+        if not sep or not name.isidentifier():
+            raise BatchJobsError(f"--param {value!r}: use name=value, for a :name placeholder in --where")
+        params[name] = bound
+    return params
+
+
 def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]) -> None:
-    from batchjobs.admin import CONFIRM_ABOVE, Selection, apply, parse_id_range, parse_params, preview
+    from batchjobs.admin import CONFIRM_ABOVE, Selection, change_rows, preview_change
     from batchjobs.progress import Progress
 
-    job = state.registry().job(job_name)
+    registry = state.registry()
+    job = registry.job(job_name)
+    if sum((bool(opts["rows"]), opts["id_range"] is not None, opts["where"] is not None, opts["everything"])) != 1:
+        raise BatchJobsError("choose exactly one selection: --row, --id-range, --where or --all")
     selection = Selection(
         keys=opts["rows"],
-        id_range=parse_id_range(opts["id_range"]) if opts["id_range"] else None,
+        id_range=_id_range(opts["id_range"]) if opts["id_range"] else None,
         where=opts["where"],
-        params=parse_params(opts["params"]),
+        params=_params(opts["params"]),
         everything=opts["everything"],
     )
     if opts["params"] and opts["where"] is None:
         raise BatchJobsError("--param only goes with --where")
     engine = state.engine()
-    # apply() checks this too, but only after the preview and the confirmation prompt.
+    # change_rows() checks this too, but only after the preview and the confirmation prompt.
     ensure_schema(engine)
     verb = "marked done" if action == "mark-done" else "requeued"
-    planned = preview(engine, job, selection, action)
+    planned = preview_change(registry, engine, job.name, selection, action)
     if opts["dry_run"]:
         if opts["as_json"]:
             _echo_json({"action": action, "job": job.name, "dry_run": True, "rows": planned.rows, "sample": planned.sample})
@@ -475,8 +497,9 @@ def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]
             raise BatchJobsError(f"this would change {planned.rows:,} rows; pass --yes to confirm (no terminal to ask on)")
         click.confirm(f"{action} {job.name}: change {planned.rows:,} rows?", abort=True, err=True)
     progress = Progress(f"{action} {job.name}", planned.rows)
-    result = apply(
-        engine, job, selection, action, chunk_size=opts["chunk_size"], lock_timeout=opts["lock_timeout"], progress=progress.advance
+    result = change_rows(
+        registry, engine, job.name, selection, action,
+        chunk_size=opts["chunk_size"], lock_timeout=opts["lock_timeout"], progress=progress.advance,
     )
     progress.finish()
     if opts["as_json"]:
@@ -528,7 +551,7 @@ def backfill_command(state: _State, name: str, restart: bool, throttle: float, d
     """
     from batchjobs.backfill import dry_run_backfill, run_backfill
     from batchjobs.progress import Progress
-    from batchjobs.runner import StopRequest, stop_on_signals
+    from batchjobs.signals import stop_on_signals
 
     registry = state.registry()
     registry.get_backfill(name)
@@ -551,7 +574,7 @@ def backfill_command(state: _State, name: str, restart: bool, throttle: float, d
             progress = Progress(f"backfill {name}", total)
         progress.advance(rows)
 
-    with stop_on_signals(StopRequest()) as stop:
+    with stop_on_signals() as stop:
         result = run_backfill(registry, engine, name, restart=restart, throttle=throttle, stop=stop, progress=report)
     if progress is not None:
         progress.finish()
@@ -570,7 +593,7 @@ def backfills_command(state: _State, as_json: bool) -> None:
 
     registry = state.registry()
     with state.connect() as connection:
-        infos = list_backfills(connection, registry)
+        infos = list_backfills(registry, connection)
     if as_json:
         _echo_json([info.as_json() for info in infos])
         return
@@ -614,7 +637,7 @@ def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> Non
 
     registry = state.registry()
     with state.connect() as connection:
-        current = status(connection, registry, queues=queues)
+        current = status(registry, connection, queues=queues)
     if as_json:
         _echo_json(current.as_json())
         return
@@ -688,7 +711,7 @@ def check_command(
         }
         registry = state.registry()
         with state.connect() as connection:
-            result = run_check(connection, registry, jobs=jobs, **thresholds)
+            result = run_check(registry, connection, jobs=jobs, **thresholds)
     except BatchJobsError as exc:
         click.echo(f"BATCHJOBS UNKNOWN - {exc}")
         raise click.exceptions.Exit(UNKNOWN) from None
@@ -715,7 +738,7 @@ def metrics_command(state: _State, textfile: Path | None) -> None:
 
     registry = state.registry()
     with state.connect() as connection:
-        metrics = collect(connection, registry)
+        metrics = collect(registry, connection)
     if textfile is None:
         click.echo(render(metrics), nl=False)
     else:

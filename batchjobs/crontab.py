@@ -11,7 +11,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from batchjobs.durations import parse_duration
+from batchjobs.text import table_lines
+from batchjobs.timeutil import parse_duration
 from batchjobs.errors import BatchJobsError
 from batchjobs.registry import Registry
 
@@ -90,14 +91,13 @@ class _Schedule:
         return ["run-pending", "--queue", queue, "--max-runtime", self.max_runtime]
 
     def _jobs_table(self) -> list[str]:
-        rows = [("QUEUE", "JOB", "MODEL", "FLAG")] + [
+        rows = [
             (job.queue, job.name, job.model.__name__, f"{job.table.name}.{job.flag.name}")
             for queue in self.registry.queues
             for job in self.registry.jobs.values()
             if job.queue == queue
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return ["#   " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        return ["#   " + line for line in table_lines(("QUEUE", "JOB", "MODEL", "FLAG"), rows)]
 
     def _path_note(self) -> list[str]:
         if self.python:

@@ -1,20 +1,20 @@
-"""Database URLs, engines and the checks that turn driver errors into one clear line."""
+"""Database URLs, engines, connections, and the checks that turn driver errors into one clear line."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from batchjobs.dialects import Dialect, dialect_for
 from batchjobs.errors import BatchJobsError, SchemaOutOfDate
-from batchjobs.schema import SCHEMA_REVISION, VERSION_TABLE
-
-_PREPARED = "_batchjobs_dialect"
+from batchjobs.store import configured, driver_for, store_for
+from batchjobs.store.tables import SCHEMA_REVISION
 
 
 def resolve_database_url(explicit: str | None = None, registry_url: str | None = None) -> str:
@@ -29,7 +29,7 @@ def resolve_database_url(explicit: str | None = None, registry_url: str | None =
 
 
 def parse_url(url: str | URL) -> URL:
-    """Parse a URL; plain ``postgresql://`` and ``postgres://`` use psycopg 3, which batchjobs ships with."""
+    """Parse a URL; one that names no driver (``postgresql://``) gets the driver batchjobs ships with."""
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 - a non-numeric port only fails when read
@@ -39,8 +39,9 @@ def parse_url(url: str | URL) -> URL:
         raise BatchJobsError(
             f"not a valid database URL: {mask_url(str(url))!r} (write an @ in the password as %40)"
         )
-    if parsed.drivername in ("postgres", "postgresql"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    drivername = driver_for(parsed.drivername)
+    if drivername is not None:
+        parsed = parsed.set(drivername=drivername)
     return parsed
 
 
@@ -72,24 +73,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
         engine = sqlalchemy.create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise BatchJobsError(f"cannot use database URL {mask_url(parsed)!r}: {exc}") from None
-    dialect = dialect_for(engine)
-    dialect.configure_engine(engine)
-    setattr(engine, _PREPARED, (engine, dialect))
+    configured(engine)
     return engine
-
-
-def prepare(engine: Engine) -> tuple[Engine, Dialect]:
-    """The engine batchjobs works through, and its dialect, for any engine it is handed.
-
-    Engines from :func:`create_engine` are used as they are; for an engine the app created, the
-    dialect decides (SQLite gets an engine of its own, so the app's engine is never changed).
-    """
-    prepared: tuple[Engine, Dialect] | None = getattr(engine, _PREPARED, None)
-    if prepared is None:
-        dialect = dialect_for(engine)
-        prepared = (dialect.adopt(engine), dialect)
-        setattr(engine, _PREPARED, prepared)
-    return prepared
 
 
 def connect(engine: Engine) -> Connection:
@@ -111,9 +96,7 @@ def first_line(exc: DBAPIError, url: URL | None = None) -> str:
 
 def schema_revision(connection: Connection) -> str | None:
     """The revision of batchjobs' own tables, or None when they were never created."""
-    if not inspect(connection).has_table(VERSION_TABLE):
-        return None
-    return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    return store_for(connection.engine).schema_revision(connection)
 
 
 def check_schema(connection: Connection) -> None:
@@ -128,6 +111,19 @@ def check_schema(connection: Connection) -> None:
         f"batchjobs tables in {where} are at revision {revision}, this version needs {SCHEMA_REVISION}: "
         "run `batchjobs migrate`"
     )
+
+
+@contextmanager
+def connection_for(bind: Engine | Connection) -> Iterator[Connection]:
+    """A connection to work on: ``bind`` itself when it is one (the caller's, left open), else a
+    new connection of the engine ``bind``, closed afterwards, on a database whose batchjobs
+    tables are up to date."""
+    if isinstance(bind, Connection):
+        yield bind
+        return
+    with connect(bind) as connection:
+        check_schema(connection)
+        yield connection
 
 
 def ensure_schema(engine: Engine) -> None:

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from batchjobs.db import create_engine, mask_url
 from batchjobs.migrate import migrate
-from batchjobs.runner import RunSummary, run_pending
+from batchjobs.runner import run_pending
+from batchjobs.summary import RunSummary
 
 DEFAULT_DATABASE_URL = "sqlite:///batchjobs-demo.sqlite3"
 APP = "batchjobs.examples.welcome.app:jobs"

@@ -2,27 +2,28 @@
 
 A failing row keeps its flag pending; what went wrong is kept in ``batchjobs_failures``, keyed by
 (job, row key). The claim query skips rows that are dead or whose next attempt is still in the
-future. Every write here happens in the chunk's own transaction, so a crash can neither record a
-failure for work that was rolled back nor lose one that was committed.
+future. The run loop writes failure records in the chunk's own transaction, so a crash can
+neither record a failure for work that was rolled back nor lose one that was committed.
 """
 
 from __future__ import annotations
 
 import random
 import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, case, delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine
 
-from batchjobs.dialects import KEYS
+from batchjobs.db import connection_for
 from batchjobs.errors import BatchJobsError
-from batchjobs.schema import Failure
+from batchjobs.store import Store, store_for
+from batchjobs.store.tables import Failure
 
 if TYPE_CHECKING:
-    from batchjobs.dialects import Dialect
     from batchjobs.registry import FlagJob, Registry
 
 #: Tracebacks are cut to their last this-many characters: the end is where the cause is.
@@ -47,10 +48,6 @@ class Backoff:
         return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 @dataclass(frozen=True)
 class RowFailure:
     """A handler failure for one row, before it is written down."""
@@ -58,6 +55,10 @@ class RowFailure:
     row_key: str
     attempts_before: int
     error: BaseException
+
+    def wait(self, job: FlagJob) -> timedelta:
+        """How long the row waits before its next attempt, by the job's backoff."""
+        return timedelta(seconds=job.backoff(self.attempts_before + 1))
 
     @property
     def error_type(self) -> str:
@@ -77,65 +78,6 @@ class RowFailure:
 def _storable(text: str) -> str:
     # PostgreSQL text cannot hold NUL; a message that cannot be stored would lose the chunk.
     return text.replace("\x00", "\\x00")
-
-
-def record_failures(
-    session: Session | Connection, dialect: Dialect, job: FlagJob, failures: Sequence[RowFailure], now: datetime
-) -> None:
-    """Count one attempt for each failed row, and schedule its retry or declare it dead."""
-    if not failures:
-        return
-    table = Failure.__table__
-    insert = dialect.insert(table)
-    values = []
-    for failure in failures:
-        # The inserted values are those of a first failure; when a record exists already, the
-        # update below counts on from it, and uses this wait for the attempt the claim saw.
-        first_is_last = job.max_attempts <= 1
-        wait = timedelta(seconds=job.backoff(failure.attempts_before + 1))
-        values.append(
-            {
-                "job": job.name,
-                "row_key": failure.row_key,
-                "attempts": 1,
-                "first_failed_at": now,
-                "last_failed_at": now,
-                "next_attempt_at": None if first_is_last else now + wait,
-                "dead": first_is_last,
-                "error_type": failure.error_type[:200],
-                "error_message": failure.message,
-                "traceback": failure.traceback,
-            }
-        )
-    # The count comes from the stored row, not from what the claim saw: attempts stay exact
-    # even if another runner recorded an attempt in between.
-    attempts = table.c.attempts + 1
-    now_dead = attempts >= job.max_attempts
-    stmt = insert.values(values).on_conflict_do_update(
-        index_elements=[table.c.job, table.c.row_key],
-        set_={
-            "attempts": attempts,
-            "last_failed_at": insert.excluded.last_failed_at,
-            "dead": now_dead,
-            "next_attempt_at": case((now_dead, None), else_=func.coalesce(insert.excluded.next_attempt_at, now)),
-            "error_type": insert.excluded.error_type,
-            "error_message": insert.excluded.error_message,
-            "traceback": insert.excluded.traceback,
-        },
-    )
-    session.execute(stmt)
-
-
-def clear_failures(session: Session | Connection, dialect: Dialect, job: FlagJob, row_keys: Sequence[str]) -> int:
-    """Forget the failure records of these rows (after a success, a retry or a requeue)."""
-    if not row_keys:
-        return 0
-    bound = session.dialect if isinstance(session, Connection) else session.get_bind().dialect
-    result = session.execute(
-        delete(Failure).where(Failure.job == job.name, dialect.key_in(Failure.row_key)),
-        {KEYS: dialect.key_list(Failure.row_key, row_keys, bound)},
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
 
 
 @dataclass(frozen=True)
@@ -166,25 +108,22 @@ class FailureInfo:
         }
 
 
-def _job_name(connection: Connection, registry: Registry, job: str) -> str:
-    """A registered job, or one that is not (renamed, removed) but still has failure records."""
-    if job in registry.jobs:
-        return job
-    if connection.scalar(select(Failure.job).where(Failure.job == job).limit(1)) is not None:
-        return job
-    return registry.job(job).name  # raises the "unknown job" error
+@contextmanager
+def _failures_of(registry: Registry, bind: Engine | Connection, job: str | None) -> Iterator[tuple[Store, Connection, str | None]]:
+    """The Store, a connection, and the job's name: registered, or still named by failure records."""
+    with connection_for(bind) as connection:
+        store = store_for(connection.engine)
+        name = job
+        if job is not None and job not in registry.jobs and not store.has_failures(connection, job):
+            name = registry.job(job).name  # raises the "unknown job" error
+        yield store, connection, name
 
 
 def list_failures(
-    connection: Connection, registry: Registry, job: str | None = None, dead_only: bool = False
+    registry: Registry, bind: Engine | Connection, job: str | None = None, dead_only: bool = False
 ) -> list[FailureInfo]:
-    """Failing and dead rows, oldest failure first; one job's when ``job`` is given."""
-    stmt = select(Failure).order_by(Failure.job, Failure.first_failed_at, Failure.row_key)
-    if job is not None:
-        stmt = stmt.where(Failure.job == _job_name(connection, registry, job))
-    if dead_only:
-        stmt = stmt.where(Failure.dead.is_(True))
-    with Session(connection) as session:
+    """Failing and dead rows, oldest failure first; one job's when ``job`` is given. Reads only."""
+    with _failures_of(registry, bind, job) as (store, connection, name):
         return [
             FailureInfo(
                 job=f.job,
@@ -197,46 +136,45 @@ def list_failures(
                 error_type=f.error_type,
                 error_message=f.error_message,
             )
-            for f in session.scalars(stmt)
+            for f in store.failures(connection, name, dead_only)
         ]
 
 
-def show_failure(connection: Connection, registry: Registry, job: str, row_key: str) -> Failure:
-    """The full failure record of one row, traceback included."""
-    name = _job_name(connection, registry, job)
-    with Session(connection, expire_on_commit=False) as session:
-        failure = session.get(Failure, (name, row_key))
-        if failure is None:
-            raise BatchJobsError(f"job {name!r} has no failure recorded for row {row_key!r}")
-        session.expunge(failure)
-        return failure
+def show_failure(registry: Registry, bind: Engine | Connection, job: str, row_key: str) -> Failure:
+    """The full failure record of one row, traceback included. Reads only."""
+    with _failures_of(registry, bind, job) as (store, connection, name):
+        assert name is not None
+        failure = store.failure(connection, name, row_key)
+    if failure is None:
+        raise BatchJobsError(f"job {name!r} has no failure recorded for row {row_key!r}")
+    return failure
 
 
 def retry(
-    connection: Connection,
     registry: Registry,
+    engine: Engine,
     job: str,
     row_keys: Sequence[str] = (),
     all_dead: bool = False,
     everything: bool = False,
 ) -> int:
-    """Clear failure records so the rows are claimed on the next run; returns how many.
+    """Clear failure records so the rows are claimed on the next run; returns how many. Commits.
 
     Exactly one selection: ``row_keys``, ``all_dead`` or ``everything``. Naming a row that has no
     failure record is an error and clears nothing.
     """
-    name = _job_name(connection, registry, job)
     if sum((bool(row_keys), all_dead, everything)) != 1:
-        raise BatchJobsError("choose exactly one of --row KEY, --all-dead or --all")
-    stmt = delete(Failure).where(Failure.job == name)
-    if row_keys:
+        raise BatchJobsError("choose exactly one selection: row keys, all dead rows, or every failing row")
+    with _failures_of(registry, engine, job) as (store, connection, name):
+        assert name is not None
         keys = list(dict.fromkeys(row_keys))
-        found = set(connection.scalars(select(Failure.row_key).where(Failure.job == name, Failure.row_key.in_(keys))))
-        missing = [key for key in keys if key not in found]
-        if missing:
-            raise BatchJobsError(f"job {name!r} has no failure recorded for row(s) {', '.join(missing)}; nothing retried")
-        stmt = stmt.where(Failure.row_key.in_(keys))
-    elif all_dead:
-        stmt = stmt.where(Failure.dead.is_(True))
-    return int(connection.execute(stmt).rowcount or 0)
-
+        if keys:
+            found = store.failing_keys(connection, name, keys)
+            missing = [key for key in keys if key not in found]
+            if missing:
+                raise BatchJobsError(
+                    f"job {name!r} has no failure recorded for row(s) {', '.join(missing)}; nothing retried"
+                )
+        cleared = store.delete_failures(connection, name, keys, dead_only=all_dead)
+        connection.commit()
+    return cleared

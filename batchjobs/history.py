@@ -15,14 +15,11 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import Engine, delete, insert, update
-
-from batchjobs.schema import RunRecord
-
-if TYPE_CHECKING:
-    from batchjobs.runner import RunSummary
+from batchjobs.store import Store
+from batchjobs.store.tables import RunRecord
+from batchjobs.summary import RunSummary
 
 HEARTBEAT_EVERY = 5.0
 #: A run that has not beaten for this long, and never finished, is taken as crashed.
@@ -37,11 +34,7 @@ def outcome_of(run: RunRecord, now: datetime) -> str:
 
 
 def _progress(summary: RunSummary) -> dict[str, object]:
-    return {
-        "rows_done": summary.done,
-        "rows_failed": summary.failed,
-        "job_stats": json.dumps({name: [s.done, s.failed] for name, s in summary.jobs.items()}),
-    }
+    return {"rows_done": summary.done, "rows_failed": summary.failed, "job_stats": json.dumps(summary.per_job())}
 
 
 class RunRecorder:
@@ -49,14 +42,14 @@ class RunRecorder:
 
     def __init__(
         self,
-        engine: Engine,
+        store: Store,
         summary: RunSummary,
         queues: Sequence[str],
         clock: Callable[[], datetime],
         keep_for: timedelta = timedelta(days=7),
         heartbeat_every: float = HEARTBEAT_EVERY,
     ) -> None:
-        self.engine = engine
+        self.store = store
         self.summary = summary
         self.queues = queues
         self.clock = clock
@@ -69,23 +62,17 @@ class RunRecorder:
     def open(self) -> None:
         """Prune runs older than ``keep_for`` and record this one as running."""
         now = self.clock()
-        runs = RunRecord.__table__
-        # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
-        # statement compiled in a fresh process, and these run in every tick.
-        with self.engine.begin() as connection:
-            connection.execute(delete(runs).where(runs.c.started_at < now - self.keep_for))
-            created = connection.execute(
-                insert(runs).values(
-                    host=socket.gethostname(),
-                    pid=os.getpid(),
-                    jobs=",".join(self.summary.jobs),
-                    queues=",".join(self.queues),
-                    started_at=now,
-                    heartbeat_at=now,
-                    **_progress(self.summary),
-                )
-            )
-            self.run_id = created.inserted_primary_key[0]
+        values = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "jobs": ",".join(self.summary.jobs),
+            "queues": ",".join(self.queues),
+            "started_at": now,
+            "heartbeat_at": now,
+            **_progress(self.summary),
+        }
+        with self.store.engine.begin() as connection:
+            self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
 
     def start_heartbeat(self) -> None:
         """Refresh the row every few seconds from a thread, even while a slow handler runs."""
@@ -106,19 +93,13 @@ class RunRecorder:
         self._save(heartbeat_at=now, finished_at=now, outcome=outcome, **_progress(self.summary))
 
     def _save(self, **values: object) -> None:
-        runs = RunRecord.__table__
-        with self.engine.begin() as connection:
-            connection.execute(update(runs).where(runs.c.id == self.run_id).values(**values))
-
-
-def outcome_for(summary: RunSummary) -> str:
-    """How a run that returned ended: finished, max-runtime, or interrupted by a signal."""
-    return {None: "finished", "max-runtime": "max-runtime"}.get(summary.stopped_by, "interrupted")
+        with self.store.engine.begin() as connection:
+            self.store.save_run(connection, self.run_id, values)
 
 
 @contextmanager
 def record_run(
-    engine: Engine,
+    store: Store,
     summary: RunSummary,
     queues: Sequence[str],
     clock: Callable[[], datetime],
@@ -129,12 +110,12 @@ def record_run(
     If the block raises, the run is recorded as failed; SIGKILL leaves it unfinished, and its
     stale heartbeat tells the rest.
     """
-    recorder = RunRecorder(engine, summary, queues, clock, keep_for)
+    recorder = RunRecorder(store, summary, queues, clock, keep_for)
     recorder.open()
     recorder.start_heartbeat()
     outcome = "failed"
     try:
         yield
-        outcome = outcome_for(summary)
+        outcome = summary.outcome
     finally:
         recorder.close(outcome)

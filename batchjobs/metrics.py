@@ -9,12 +9,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
+from batchjobs.db import connection_for
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import utcnow
 from batchjobs.monitoring import last_run, status
 from batchjobs.registry import Registry
+from batchjobs.timeutil import utcnow
 
 
 def _prometheus() -> Any:
@@ -25,8 +26,8 @@ def _prometheus() -> Any:
     return prometheus_client
 
 
-def collect(connection: Connection, registry: Registry, now: datetime | None = None) -> Any:
-    """A prometheus_client CollectorRegistry holding a snapshot of every job's numbers."""
+def collect(registry: Registry, bind: Engine | Connection, now: datetime | None = None) -> Any:
+    """A prometheus_client CollectorRegistry holding a snapshot of every job's numbers. Reads only."""
     prometheus = _prometheus()
     now = now or utcnow()
     metrics = prometheus.CollectorRegistry()
@@ -42,14 +43,17 @@ def collect(connection: Connection, registry: Registry, now: datetime | None = N
     last_duration = gauge("batchjobs_last_run_duration_seconds", "How long the latest run covering the job took.")
     last_done = gauge("batchjobs_last_run_rows_done", "Rows of the job the latest run handled.")
     last_failed = gauge("batchjobs_last_run_rows_failed", "Rows of the job that failed in the latest run.")
-    for job in status(connection, registry, now=now).jobs:
+    with connection_for(bind) as connection:
+        jobs = status(registry, connection, now=now).jobs
+        runs = {job.name: last_run(registry, connection, job=job.name, now=now) for job in jobs}
+    for job in jobs:
         labels = {"job": job.name, "queue": job.queue}
         pending.labels(**labels).set(job.pending)
         if job.oldest_pending_age is not None:
             age.labels(**labels).set(job.oldest_pending_age)
         backoff.labels(**labels).set(job.backoff)
         dead.labels(**labels).set(job.dead)
-        run = last_run(connection, now, job=job.name)
+        run = runs[job.name]
         if run is not None:
             done, failed = run.job_stats.get(job.name, [0, 0])
             last_ts.labels(**labels).set(run.started_at.timestamp())

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Sequence
 
-from sqlalchemy import Connection, false, func, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine
 
-from batchjobs.failures import utcnow
+from batchjobs.db import connection_for
 from batchjobs.history import STALE_AFTER, outcome_of
 from batchjobs.registry import FlagJob, Registry
-from batchjobs.schema import Failure, RunRecord
+from batchjobs.store import Store, store_for
+from batchjobs.store.tables import RunRecord
+from batchjobs.timeutil import utcnow
 
 
 @dataclass(frozen=True)
@@ -34,30 +35,20 @@ class JobInfo:
         return asdict(self)
 
 
-def pending_count(connection: Connection, job: FlagJob) -> int:
-    """Rows waiting for this job (dead and backing-off rows included); rides the partial index."""
-    return int(connection.execute(select(func.count()).select_from(job.table).where(job.pending())).scalar_one())
-
-
-def list_jobs(connection: Connection, registry: Registry) -> list[JobInfo]:
-    """Every registered job with its pending count."""
-    return [
-        JobInfo(
-            name=job.name,
-            model=job.model.__name__,
-            flag=f"{job.table.name}.{job.flag.name}",
-            queue=job.queue,
-            pending=pending_count(connection, job),
-        )
-        for job in registry.jobs.values()
-    ]
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; batchjobs and CURRENT_TIMESTAMP both mean UTC there.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
+def list_jobs(registry: Registry, bind: Engine | Connection) -> list[JobInfo]:
+    """Every registered job with its pending count. Reads only."""
+    with connection_for(bind) as connection:
+        store = store_for(connection.engine)
+        return [
+            JobInfo(
+                name=job.name,
+                model=job.model.__name__,
+                flag=f"{job.table.name}.{job.flag.name}",
+                queue=job.queue,
+                pending=store.pending_count(connection, job),
+            )
+            for job in registry.jobs.values()
+        ]
 
 
 @dataclass(frozen=True)
@@ -117,23 +108,11 @@ class Status:
         }
 
 
-def oldest_pending_age(connection: Connection, job: FlagJob, now: datetime) -> float | None:
+def _oldest_pending_age(store: Store, connection: Connection, job: FlagJob, now: datetime) -> float | None:
     if job.pending_since is None:
         return None
-    oldest = _aware(connection.execute(select(func.min(job.pending_since)).where(job.pending())).scalar())
+    oldest = store.oldest_pending(connection, job)
     return max((now - oldest).total_seconds(), 0.0) if oldest is not None else None
-
-
-def failure_counts(connection: Connection) -> dict[str, tuple[int, int]]:
-    """Per job name: (rows failing and waiting to retry, dead rows)."""
-    rows = connection.execute(
-        select(
-            Failure.job,
-            func.count().filter(Failure.dead == false()),
-            func.count().filter(Failure.dead == true()),
-        ).group_by(Failure.job)
-    )
-    return {name: (int(backoff), int(dead)) for name, backoff, dead in rows}
 
 
 def _run_info(run: RunRecord, now: datetime) -> RunInfo:
@@ -154,51 +133,44 @@ def _run_info(run: RunRecord, now: datetime) -> RunInfo:
     )
 
 
-def recent_runs(connection: Connection, since: datetime, now: datetime) -> list[RunInfo]:
-    """Runs that were active at or after ``since``, newest first."""
-    with Session(connection) as session:
-        runs = session.scalars(
-            select(RunRecord).where(RunRecord.heartbeat_at >= since).order_by(RunRecord.started_at.desc())
-        )
-        return [_run_info(run, now) for run in runs]
-
-
-def last_run(connection: Connection, now: datetime, job: str | None = None) -> RunInfo | None:
-    """The latest run (that covered ``job``, when given)."""
-    with Session(connection) as session:
-        stmt = select(RunRecord).order_by(RunRecord.started_at.desc(), RunRecord.id.desc())
-        if job is not None:
-            # Job names are stored comma-separated; match a whole name, not a prefix.
-            stmt = stmt.where(("," + RunRecord.jobs + ",").contains(f",{job},"))
-        run = session.scalars(stmt.limit(1)).first()
-        return _run_info(run, now) if run is not None else None
+def last_run(registry: Registry, bind: Engine | Connection, job: str | None = None, now: datetime | None = None) -> RunInfo | None:
+    """The latest run (that covered ``job``, when given). Reads only."""
+    with connection_for(bind) as connection:
+        run = store_for(connection.engine).last_run(connection, job)
+    return _run_info(run, now or utcnow()) if run is not None else None
 
 
 def status(
-    connection: Connection, registry: Registry, queues: Sequence[str] = (), now: datetime | None = None
+    registry: Registry, bind: Engine | Connection, *, queues: Sequence[str] = (), now: datetime | None = None
 ) -> Status:
-    """Per job: pending, oldest pending age, backing off, dead, done in the last hour; plus runs."""
+    """Per job: pending, oldest pending age, backing off, dead, done in the last hour; plus runs. Reads only."""
     now = now or utcnow()
-    failing = failure_counts(connection)
-    runs = recent_runs(connection, now - max(timedelta(hours=1), STALE_AFTER), now)
-    jobs = []
-    for job in registry.select(queues=queues):
-        backoff, dead = failing.get(job.name, (0, 0))
-        jobs.append(
-            JobStatus(
-                name=job.name,
-                queue=job.queue,
-                pending=pending_count(connection, job),
-                oldest_pending_age=oldest_pending_age(connection, job, now),
-                backoff=backoff,
-                dead=dead,
-                done_last_hour=sum(
-                    run.job_stats.get(job.name, [0, 0])[0] for run in runs if run.heartbeat_at >= now - timedelta(hours=1)
-                ),
+    with connection_for(bind) as connection:
+        store = store_for(connection.engine)
+        failing = store.failure_counts(connection)
+        since = now - max(timedelta(hours=1), STALE_AFTER)
+        runs = [_run_info(run, now) for run in store.runs_since(connection, since)]
+        jobs = []
+        for job in registry.select(queues=queues):
+            backoff, dead = failing.get(job.name, (0, 0))
+            jobs.append(
+                JobStatus(
+                    name=job.name,
+                    queue=job.queue,
+                    pending=store.pending_count(connection, job),
+                    oldest_pending_age=_oldest_pending_age(store, connection, job, now),
+                    backoff=backoff,
+                    dead=dead,
+                    done_last_hour=sum(
+                        run.job_stats.get(job.name, [0, 0])[0]
+                        for run in runs
+                        if run.heartbeat_at >= now - timedelta(hours=1)
+                    ),
+                )
             )
-        )
+        latest = store.last_run(connection)
     return Status(
         jobs=jobs,
-        last_run=last_run(connection, now),
+        last_run=_run_info(latest, now) if latest is not None else None,
         alive=[run for run in runs if run.outcome == "running"],
     )

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from batchjobs.durations import format_duration
+from batchjobs.timeutil import format_duration
 
 
 class Progress:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Sequence
 
-from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, select
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
 
@@ -299,7 +299,7 @@ class Registry:
             )
         if where is not None:
             # Another table in where= would join into the claim and could return a row twice.
-            others = {getattr(t, "name", str(t)) for t in where._from_objects} - {column.table.name}
+            others = {getattr(t, "name", str(t)) for t in select(where).get_final_froms()} - {column.table.name}
             if others:
                 raise BatchJobsError(
                     f"where= may only use columns of {column.table.name}, not of {', '.join(sorted(others))}; "

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.registry import Registry
-from batchjobs.runner import RunSummary
-from batchjobs.runner import run_pending as _run_pending
+from batchjobs.runner import run_pending
+from batchjobs.summary import RunSummary
 
 
 def _engine(session_or_engine: Session | Engine) -> Engine:
@@ -30,7 +30,7 @@ def _engine(session_or_engine: Session | Engine) -> Engine:
     return engine
 
 
-def run_pending(
+def drain(
     registry: Registry,
     session_or_engine: Session | Engine,
     jobs: Sequence[str] | None = None,
@@ -42,7 +42,7 @@ def run_pending(
     Rows must be committed first: the run works on its own connection, as in production. With
     ``raise_errors`` the first handler exception propagates (after its failure is recorded).
     """
-    return _run_pending(
+    return run_pending(
         registry,
         _engine(session_or_engine),
         jobs=jobs or (),
@@ -89,7 +89,7 @@ def eager(registry: Registry, session: Session) -> Iterator[None]:
         if transaction.parent is None and committed:
             names = sorted(committed)
             committed.clear()
-            run_pending(registry, session_, jobs=names, raise_errors=True)
+            drain(registry, session_, jobs=names, raise_errors=True)
 
     def after_rollback(_session: Session, _previous: Any) -> None:
         touched.clear()

@@ -12,19 +12,20 @@ are pending again, and the other workers carry on.
 from __future__ import annotations
 
 import multiprocessing
-import signal
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine
 
-from batchjobs.db import create_engine, prepare
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import utcnow
-from batchjobs.history import RunRecorder, outcome_for, record_run
+from batchjobs.history import RunRecorder, record_run
 from batchjobs.registry import Registry
-from batchjobs.runner import JobStats, RunSummary, StopRequest, run_pending
+from batchjobs.runner import run_pending
+from batchjobs.signals import StopRequest, stop_on_signals
+from batchjobs.store import store_for
+from batchjobs.summary import JobStats, RunSummary
+from batchjobs.timeutil import utcnow
 
 POOLS = ("process", "thread")
 
@@ -45,6 +46,11 @@ def run_concurrently(
     ``options`` are passed to :func:`batchjobs.run_pending` (``max_runtime``, ``batch_size``,
     ``commit_interval``). ``stop`` reaches every worker: with processes, a signal received here
     is passed on to the children. The invocation is recorded as one run in the run history.
+
+    Every worker works through ``engine`` as it is (its creator, connect arguments, pool settings
+    and listeners): threads share its pool, which must hold ``concurrency`` + 1 connections
+    (:func:`batchjobs.create_engine` takes ``pool_size``); each process gets a fresh pool of its
+    own.
     """
     if concurrency < 1:
         raise BatchJobsError(f"concurrency must be at least 1, got {concurrency}")
@@ -52,7 +58,6 @@ def run_concurrently(
         raise BatchJobsError(f"unknown pool {pool!r} (use one of: {', '.join(POOLS)})")
     # Unknown job or queue names fail here, once, not in every worker.
     selected = registry.select(jobs=jobs, queues=queues)
-    engine, _ = prepare(engine)
     stop = stop if stop is not None else StopRequest()
     total = RunSummary(jobs={job.name: JobStats() for job in selected})
     work = dict(jobs=jobs, queues=queues, record=False, **options)
@@ -63,41 +68,21 @@ def run_concurrently(
     return total
 
 
-def _add(total: RunSummary, part: dict[str, Any]) -> None:
-    for name, (done, failed) in part["jobs"].items():
-        total.jobs[name].done += done
-        total.jobs[name].failed += failed
-    total.seconds = max(total.seconds, part["seconds"])
-    total.stopped_by = total.stopped_by or part["stopped_by"]
-
-
-def _as_part(summary: RunSummary) -> dict[str, Any]:
-    return {
-        "jobs": {name: (s.done, s.failed) for name, s in summary.jobs.items()},
-        "seconds": summary.seconds,
-        "stopped_by": summary.stopped_by,
-    }
-
-
 def _run_threads(
     registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
 ) -> None:
-    parts: list[dict[str, Any]] = []
+    parts: list[RunSummary] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
-        # An engine per worker: its own connection, whatever the size of the app's pool.
-        own = create_engine(engine.url)
         try:
-            parts.append(_as_part(run_pending(registry, own, stop=stop, **work)))
+            parts.append(run_pending(registry, engine, stop=stop, **work))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
             errors.append(exc)
             stop.set("worker error")
-        finally:
-            own.dispose()
 
     threads = [threading.Thread(target=worker, name=f"batchjobs-worker-{i}") for i in range(count)]
-    with record_run(engine, total, work["queues"], utcnow, keep_for=registry.keep_history):
+    with record_run(store_for(engine), total, work["queues"], utcnow, keep_for=registry.keep_history):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -105,7 +90,7 @@ def _run_threads(
             while thread.is_alive():
                 thread.join(0.2)
         for part in parts:
-            _add(total, part)
+            total.add(part)
     if errors:
         raise errors[0]
 
@@ -114,14 +99,8 @@ def _child(registry: Registry, engine: Engine, work: dict[str, Any], results: An
     # The parent's pooled connections must not be shared: drop them without closing them
     # (closing would end the parent's sessions), as SQLAlchemy advises for forked processes.
     engine.dispose(close=False)
-    stop = StopRequest()
-
-    def handle(signum: int, _frame: Any) -> None:
-        stop.set(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    results.put(_as_part(run_pending(registry, engine, stop=stop, **work)))
+    with stop_on_signals() as stop:
+        results.put(run_pending(registry, engine, stop=stop, **work).as_json())
 
 
 def _run_processes(
@@ -129,15 +108,16 @@ def _run_processes(
 ) -> None:
     # The run is recorded before forking: on SQLite the parent's INSERT would otherwise queue for
     # the write lock behind its busy children, and a parent stuck there cannot react to SIGTERM.
-    recorder = RunRecorder(engine, total, work["queues"], utcnow, keep_for=registry.keep_history)
+    store = store_for(engine)
+    recorder = RunRecorder(store, total, work["queues"], utcnow, keep_for=registry.keep_history)
     recorder.open()
     # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.
     # The heartbeat thread starts only after the fork, so no child inherits a thread's locks.
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    engine.dispose(close=False)
+    store.engine.dispose(close=False)
     children = [
-        context.Process(target=_child, args=(registry, engine, work, results), name=f"batchjobs-worker-{i}")
+        context.Process(target=_child, args=(registry, store.engine, work, results), name=f"batchjobs-worker-{i}")
         for i in range(count)
     ]
     for child in children:
@@ -157,8 +137,8 @@ def _run_processes(
         # A child that exited cleanly has put its counts on the queue before it ended.
         for child in children:
             if child.exitcode == 0:
-                _add(total, results.get(timeout=30))
+                total.add(RunSummary.from_json(results.get(timeout=30)))
         total.workers_lost = sum(1 for child in children if child.exitcode != 0)
-        outcome = outcome_for(total)
+        outcome = total.outcome
     finally:
         recorder.close(outcome)

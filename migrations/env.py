@@ -6,14 +6,15 @@ open connection. The version table is batchjobs' own, so this history never mixe
 
 from alembic import context
 
-from batchjobs.schema import VERSION_TABLE, metadata
+from batchjobs.store import store_class
+from batchjobs.store.tables import VERSION_TABLE, metadata
 
 connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
     target_metadata=metadata,
     version_table=VERSION_TABLE,
-    render_as_batch=connection.dialect.name == "sqlite",
+    render_as_batch=store_class(connection.dialect.name).render_as_batch,
 )
 with context.begin_transaction():
     context.run_migrations()

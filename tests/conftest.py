@@ -19,7 +19,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 import jobapp
-from batchjobs.claim import AFTER, ROW_KEY
+from batchjobs.store.base import AFTER, ROW_KEY
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
 

@@ -12,12 +12,12 @@ from sqlalchemy.orm import Session
 
 import jobapp
 from batchjobs import BatchJobsError
-from batchjobs.admin import Selection, apply, preview
-from batchjobs.schema import Failure
+from batchjobs import Selection, change_rows, preview_change
+from batchjobs.store.tables import Failure
 from conftest import cli_env, run_cli, start_cli, url_of
 from test_run_pending import add_items, processed
 
-JOB = jobapp.jobs.job("process_item")
+JOB = "process_item"
 
 
 def _done(engine: Engine) -> list[int]:
@@ -38,8 +38,8 @@ def test_mark_done_each_selection(engine: Engine, selection: Selection, expected
     with engine.begin() as conn:
         conn.execute(text("UPDATE items SET category = 'b' WHERE id % 2 = 0"))
 
-    assert preview(engine, JOB, selection, "mark-done").rows == len(expected)
-    result = apply(engine, JOB, selection, "mark-done", chunk_size=3)
+    assert preview_change(jobapp.jobs, engine, JOB, selection, "mark-done").rows == len(expected)
+    result = change_rows(jobapp.jobs, engine, JOB, selection, "mark-done", chunk_size=3)
 
     assert result.rows == len(expected)
     assert result.chunks == -(-len(expected) // 3)
@@ -48,17 +48,17 @@ def test_mark_done_each_selection(engine: Engine, selection: Selection, expected
         stamped = session.scalars(select(jobapp.Item.id).where(jobapp.Item.processed_at.is_not(None)))
         assert sorted(stamped) == expected  # done_at is set as if the handler had run
     # Again: nothing left to change, so it counts nothing.
-    assert apply(engine, JOB, selection, "mark-done").rows == 0
+    assert change_rows(jobapp.jobs, engine, JOB, selection, "mark-done").rows == 0
 
 
 def test_requeue_sets_pending_and_forgets_failures(engine: Engine) -> None:
     add_items(engine, 10)
-    apply(engine, JOB, Selection(everything=True), "mark-done")
+    change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done")
     now = datetime.now(timezone.utc)
     with Session(engine) as session, session.begin():
         session.add(Failure(job="process_item", row_key="4", attempts=10, first_failed_at=now, last_failed_at=now,
                             next_attempt_at=None, dead=True, error_type="E", error_message="", traceback=""))
-    result = apply(engine, JOB, Selection(id_range=("2", "4")), "requeue")
+    result = change_rows(jobapp.jobs, engine, JOB, Selection(id_range=("2", "4")), "requeue")
     assert (result.rows, result.failures_cleared) == (3, 1)
     assert _done(engine) == [1, 5, 6, 7, 8, 9, 10]
     with Session(engine) as session:
@@ -68,11 +68,11 @@ def test_requeue_sets_pending_and_forgets_failures(engine: Engine) -> None:
 
 def test_selection_must_be_exactly_one() -> None:
     with pytest.raises(BatchJobsError, match="exactly one selection"):
-        Selection().clause(JOB)
+        Selection().clause(jobapp.jobs.job(JOB))
     with pytest.raises(BatchJobsError, match="exactly one selection"):
-        Selection(keys=("1",), everything=True).clause(JOB)
+        Selection(keys=("1",), everything=True).clause(jobapp.jobs.job(JOB))
     with pytest.raises(BatchJobsError, match="not a valid key"):
-        Selection(keys=("abc",)).clause(JOB)
+        Selection(keys=("abc",)).clause(jobapp.jobs.job(JOB))
 
 
 def test_cli_dry_run_changes_nothing(engine: Engine) -> None:
@@ -164,7 +164,7 @@ def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_engine: Engine) -> N
     released = threading.Timer(0.5, holder.commit)
     released.start()
     try:
-        result = apply(engine, JOB, Selection(everything=True), "mark-done", lock_timeout=5)
+        result = change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done", lock_timeout=5)
     finally:
         released.join()
         holder.close()
@@ -174,27 +174,27 @@ def test_mark_done_waits_for_a_claimed_row_then_finishes(pg_engine: Engine) -> N
 def test_where_with_or_is_one_condition(engine: Engine) -> None:
     """The admin's SQL is parenthesised: "a OR b" must not swallow batchjobs' own conditions."""
     add_items(engine, 5)
-    apply(engine, JOB, Selection(keys=("1",)), "mark-done")
-    assert preview(engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done").sample == ["3"]
-    assert apply(engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done", chunk_size=1).rows == 1
+    change_rows(jobapp.jobs, engine, JOB, Selection(keys=("1",)), "mark-done")
+    assert preview_change(jobapp.jobs, engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done").sample == ["3"]
+    assert change_rows(jobapp.jobs, engine, JOB, Selection(where="id = 1 OR id = 3"), "mark-done", chunk_size=1).rows == 1
     assert _done(engine) == [1, 3]
-    assert apply(engine, JOB, Selection(where="id = 4 OR id = 1"), "requeue").rows == 1
+    assert change_rows(jobapp.jobs, engine, JOB, Selection(where="id = 4 OR id = 1"), "requeue").rows == 1
     assert _done(engine) == [3]
 
 
 @pytest.mark.parametrize(
     ("selection", "message"),
     [
-        (Selection(where="id > :a"), "--where uses :a; give a value with --param NAME=VALUE"),
-        (Selection(where="id > :a", params={"a": "1", "b": "2"}), "--param b: --where has no :b placeholder"),
-        (Selection(where="  "), "--where is empty"),
+        (Selection(where="id > :a"), "the where clause uses :a; give each a value"),
+        (Selection(where="id > :a", params={"a": "1", "b": "2"}), "a value is given for b, but the where clause has no :b"),
+        (Selection(where="  "), "the where clause is empty"),
     ],
 )
 def test_where_checks(engine: Engine, selection: Selection, message: str) -> None:
     with pytest.raises(BatchJobsError, match=message):
-        preview(engine, JOB, selection, "mark-done")
+        preview_change(jobapp.jobs, engine, JOB, selection, "mark-done")
 
 
 def test_lock_timeout_must_be_positive(engine: Engine) -> None:
     with pytest.raises(BatchJobsError, match="more than 0"):
-        apply(engine, JOB, Selection(everything=True), "mark-done", lock_timeout=0)
+        change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done", lock_timeout=0)

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
 
 import jobapp
-from batchjobs.schema import BackfillState
+from batchjobs.store.tables import BackfillState
 from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from batchjobs import BatchJobsError, JobContext, Registry, flag_column, pending_index, run_pending
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
-from batchjobs.schema import Failure
+from batchjobs.store.tables import Failure
 
 
 class Base(DeclarativeBase):
@@ -155,7 +155,7 @@ def test_handlers_without_a_session_still_time_out_and_fail_alone(app_engine: En
     with Session(app_engine) as session:
         errors = dict(session.execute(select(Failure.row_key, Failure.error_type).where(Failure.job == "welcome")).all())
         pending = session.scalars(select(Signup.id).where(Signup.welcomed.is_(False)).order_by(Signup.id)).all()
-    assert errors == {"2": "batchjobs.runner.JobTimeout", "4": "ValueError"}
+    assert errors == {"2": "batchjobs.JobTimeout", "4": "ValueError"}
     assert pending == [2, 4]
 
 

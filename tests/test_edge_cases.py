@@ -13,10 +13,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import jobapp
 from batchjobs import BatchJobsError, Registry, flag_column, run_pending
-from batchjobs.durations import parse_duration
+from batchjobs.timeutil import parse_duration
 from batchjobs.failures import retry
 from batchjobs.migrate import migrate
-from batchjobs.schema import Failure
+from batchjobs.store.tables import Failure
 from conftest import count_claims, run_cli
 from test_run_pending import add_items, processed
 
@@ -50,7 +50,7 @@ def test_timeout_during_a_database_call_cancels_only_that_row(pg_engine: Engine)
     assert calls == [1, 2, 3, 4, 5]  # no row ran twice: the chunk was not lost
     for key in ("2", "4"):
         failure = _failure(engine, "slow_query", key)
-        assert failure is not None and failure.error_type == "batchjobs.runner.JobTimeout"
+        assert failure is not None and failure.error_type == "batchjobs.JobTimeout"
     assert [k for k, done in processed(engine).items() if not done] == [2, 4]
 
 
@@ -117,8 +117,7 @@ def test_uuid_keys_with_a_failing_row(db_url: str) -> None:
     assert (summary.done, summary.failed, summary.stopped_by) == (5, 1, None)
     with engine.connect() as conn:
         [key] = conn.scalars(select(Failure.row_key)).all()
-        assert retry(conn, registry, "scan", row_keys=[key]) == 1
-        conn.commit()
+    assert retry(registry, engine, "scan", row_keys=[key]) == 1
     engine.dispose()
 
 

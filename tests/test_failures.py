@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 import jobapp
 from batchjobs import Registry, run_pending
 from batchjobs.failures import retry
-from batchjobs.schema import Failure
+from batchjobs.store.tables import Failure
 from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items, processed
 
@@ -74,9 +74,7 @@ def test_poison_row_backs_off_dies_and_is_revived(engine: Engine, behaviour: job
     assert run(T0 + timedelta(days=30)) == (0, 0)  # dead rows are never claimed
     assert Counter(effects(behaviour.effects))[500] == 3
 
-    with engine.connect() as conn:
-        assert retry(conn, registry, "handle", all_dead=True) == 1
-        conn.commit()
+    assert retry(registry, engine, "handle", all_dead=True) == 1
     broken["yes"] = False
     assert run(T0 + timedelta(days=30, seconds=1)) == (1, 0)
     assert _failure(engine, "handle", "500") is None  # success forgets the failure

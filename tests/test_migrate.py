@@ -6,7 +6,7 @@ from sqlalchemy import inspect, text
 
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
-from batchjobs.schema import SCHEMA_REVISION, VERSION_TABLE, metadata
+from batchjobs.store.tables import SCHEMA_REVISION, VERSION_TABLE, metadata
 from conftest import cli_env, run_cli
 
 

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 
 import jobapp
 from batchjobs.check import CRITICAL, OK, UNKNOWN, WARNING, Threshold, run_check
-from batchjobs.failures import utcnow
+from batchjobs.timeutil import utcnow
 from batchjobs.history import STALE_AFTER
 from batchjobs.monitoring import status
-from batchjobs.schema import Failure, RunRecord
+from batchjobs.store.tables import Failure, RunRecord
 from conftest import blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -58,7 +58,7 @@ def known(engine: Engine) -> Engine:
 
 def test_status_numbers(known: Engine) -> None:
     with known.connect() as conn:
-        current = status(conn, jobapp.jobs, now=NOW)
+        current = status(jobapp.jobs, conn, now=NOW)
     by_name = {job.name: job for job in current.jobs}
     item, receipt, thumbs = by_name["process_item"], by_name["send_receipt"], by_name["make_thumbnails"]
     assert (item.pending, item.oldest_pending_age, item.backoff, item.dead, item.done_last_hour) == (7, 29 * 60.0, 2, 1, 34)
@@ -68,7 +68,7 @@ def test_status_numbers(known: Engine) -> None:
     assert current.last_run.started_at == NOW - timedelta(seconds=30)
     assert [(run.pid, run.outcome) for run in current.alive] == [(4242, "running")]
     with known.connect() as conn:
-        crashed = status(conn, jobapp.jobs, now=NOW + STALE_AFTER + timedelta(seconds=10))
+        crashed = status(jobapp.jobs, conn, now=NOW + STALE_AFTER + timedelta(seconds=10))
     assert crashed.last_run is not None and crashed.last_run.outcome == "crashed" and crashed.alive == []
 
 
@@ -100,7 +100,7 @@ def test_check_thresholds(known: Engine, limits: dict[str, str], code: int, prob
         for name, value in limits.items()
     }
     with known.connect() as conn:
-        result = run_check(conn, jobapp.jobs, now=NOW, **thresholds)
+        result = run_check(jobapp.jobs, conn, now=NOW, **thresholds)
     assert result.code == code
     line = result.line()
     status_word = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}[code]
@@ -117,8 +117,8 @@ def test_check_thresholds(known: Engine, limits: dict[str, str], code: int, prob
 def test_check_pending_age(known: Engine) -> None:
     limit = Threshold.parse("20m,1h", "--max-pending-age", duration=True)
     with known.connect() as conn:
-        result = run_check(conn, jobapp.jobs, jobs=["process_item"], max_pending_age=limit, now=NOW)
-        blind = run_check(conn, jobapp.jobs, max_pending_age=limit, now=NOW)
+        result = run_check(jobapp.jobs, conn, jobs=["process_item"], max_pending_age=limit, now=NOW)
+        blind = run_check(jobapp.jobs, conn, max_pending_age=limit, now=NOW)
     assert result.code == WARNING
     assert "WARNING: process_item's oldest pending row waits 29m00s (limit 20m00s)" in result.line()
     # send_receipt has no pending_since: the check cannot judge it, and says so.
@@ -127,7 +127,7 @@ def test_check_pending_age(known: Engine) -> None:
 
 def test_check_for_one_job(known: Engine) -> None:
     with known.connect() as conn:
-        result = run_check(conn, jobapp.jobs, jobs=["send_receipt"], max_dead=Threshold(None, 0), now=NOW)
+        result = run_check(jobapp.jobs, conn, jobs=["send_receipt"], max_dead=Threshold(None, 0), now=NOW)
     assert result.code == OK
     assert "'process_item_pending'" not in result.line() and "'send_receipt_pending'=2;;;0" in result.line()
 
@@ -228,13 +228,13 @@ def test_killed_run_shows_as_crashed_once_its_heartbeat_is_stale(engine: Engine,
     run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", env=env)
     wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
     with engine.connect() as conn:
-        live = status(conn, jobapp.jobs)
+        live = status(jobapp.jobs, conn)
     assert live.last_run is not None and live.last_run.outcome == "running" and live.last_run.pid == run.pid
     assert [r.pid for r in live.alive] == [run.pid]
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
     with engine.connect() as conn:
-        later = status(conn, jobapp.jobs, now=utcnow() + STALE_AFTER + timedelta(seconds=10))
+        later = status(jobapp.jobs, conn, now=utcnow() + STALE_AFTER + timedelta(seconds=10))
     assert later.last_run is not None and later.last_run.outcome == "crashed" and later.alive == []
 
 

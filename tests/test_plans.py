@@ -9,10 +9,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import jobapp
-from batchjobs.claim import claim_statement
-from batchjobs.db import prepare
-from batchjobs.monitoring import pending_count
-from batchjobs.schema import Failure
+from batchjobs.store import store_for
+from batchjobs.store.tables import Failure
 
 
 def _big_table_few_pending(engine: Engine) -> None:
@@ -53,7 +51,7 @@ def test_claim_walks_the_partial_index_in_key_order(engine: Engine) -> None:
     _big_table_few_pending(engine)
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    plan = _plan(engine, claim_statement(job, prepare(engine)[1], 50).params(now=now, run_started=now))
+    plan = _plan(engine, store_for(engine).chunk_statements(job, 50).claim.params(now=now, run_started=now))
 
     assert "ix_items_processed_pending" in plan, plan
     assert "batchjobs_failures" in plan, plan
@@ -72,7 +70,7 @@ def test_keyset_claim_starts_its_walk_at_the_key(engine: Engine) -> None:
     _big_table_few_pending(engine)
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    stmt = claim_statement(job, prepare(engine)[1], 50, keyset=True).params(now=now, run_started=now, batchjobs_after=100000)
+    stmt = store_for(engine).chunk_statements(job, 50).claim_after.params(now=now, run_started=now, batchjobs_after=100000)
     plan = _plan(engine, stmt)
     if engine.dialect.name == "postgresql":
         assert "Index Scan using ix_items_processed_pending on items" in plan, plan
@@ -89,7 +87,7 @@ def test_the_server_reuses_the_claim_plan(pg_engine: Engine) -> None:
         conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', false FROM generate_series(1, 200000) g"))
         conn.execute(text("ANALYZE items"))
     job = jobapp.jobs.job("process_item")
-    compiled = claim_statement(job, prepare(pg_engine)[1], 100, keyset=True).compile(dialect=pg_engine.dialect)
+    compiled = store_for(pg_engine).chunk_statements(job, 100).claim_after.compile(dialect=pg_engine.dialect)
     now = datetime.now(timezone.utc)
     params = compiled.construct_params({"now": now, "run_started": now, "batchjobs_after": 0})
     raw = pg_engine.raw_connection()
@@ -116,7 +114,7 @@ def test_pending_count_uses_the_partial_index(engine: Engine) -> None:
     plan = _plan(engine, select(func.count()).select_from(job.table).where(job.pending()))
     assert "ix_items_processed_pending" in plan, plan
     with engine.connect() as conn:
-        assert pending_count(conn, job) == 10
+        assert store_for(engine).pending_count(conn, job) == 10
 
 
 def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_engine: Engine) -> None:
@@ -137,7 +135,7 @@ def test_status_queries_on_a_million_rows_ride_the_partial_index(pg_engine: Engi
     for plan in (count_plan, oldest_plan):
         assert "ix_items_processed_pending" in plan and "Seq Scan on items" not in plan, plan
     with engine.connect() as conn:
-        [item] = [j for j in status(conn, jobapp.jobs).jobs if j.name == "process_item"]
+        [item] = [j for j in status(jobapp.jobs, conn).jobs if j.name == "process_item"]
     assert item.pending == 10
 
 
@@ -163,7 +161,7 @@ def test_claim_cost_estimate_stays_below_jit_threshold(pg_engine: Engine) -> Non
         conn.execute(text("ANALYZE batchjobs_failures"))
     job = jobapp.jobs.job("process_item")
     now = datetime.now(timezone.utc)
-    plan = _plan(pg_engine, claim_statement(job, prepare(pg_engine)[1], 100).params(now=now, run_started=now))
+    plan = _plan(pg_engine, store_for(pg_engine).chunk_statements(job, 100).claim.params(now=now, run_started=now))
     total_cost = float(re.search(r"cost=[\d.]+\.\.([\d.]+)", plan.splitlines()[0]).group(1))  # type: ignore[union-attr]
     assert total_cost < 100_000, plan
     assert "Index Scan using ix_items_processed_pending on items" in plan, plan

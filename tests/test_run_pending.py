@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 import jobapp
 from batchjobs import JobContext, run_pending
-from batchjobs.schema import Failure
+from batchjobs.store.tables import Failure
 from conftest import count_claims, effects
 
 
@@ -223,7 +223,7 @@ def test_a_run_takes_one_connection_for_all_its_chunks(engine: Engine, behaviour
     more client time than a small chunk's claim."""
     from sqlalchemy import event
 
-    from batchjobs.db import prepare
+    from batchjobs.store import store_for
 
     add_items(engine, 100)
     checkouts: list[object] = []
@@ -231,7 +231,7 @@ def test_a_run_takes_one_connection_for_all_its_chunks(engine: Engine, behaviour
     def checkout(dbapi_connection: object, *_args: object) -> None:
         checkouts.append(dbapi_connection)
 
-    pool = prepare(engine)[0].pool
+    pool = store_for(engine).engine.pool
     event.listen(pool, "checkout", checkout)
     try:
         summary = run_pending(jobapp.jobs, engine, jobs=["process_item"], batch_size=10, record=False)
@@ -278,5 +278,5 @@ def test_timeout_interrupts_a_slow_handler(engine: Engine, behaviour: jobapp.Beh
     assert (summary.done, summary.failed) == (2, 1)
     with Session(engine) as session:
         failure = session.get(Failure, ("slow", "2"))
-    assert failure is not None and failure.error_type == "batchjobs.runner.JobTimeout"
+    assert failure is not None and failure.error_type == "batchjobs.JobTimeout"
 

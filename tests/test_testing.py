@@ -7,7 +7,7 @@ from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
 import jobapp
-from batchjobs.testing import eager, run_pending
+from batchjobs.testing import drain, eager
 from conftest import effects
 
 
@@ -16,7 +16,7 @@ def test_run_pending_returns_what_each_job_did(engine: Engine, behaviour: jobapp
     with Session(engine) as session:
         session.add_all([jobapp.Item(id=1), jobapp.Item(id=2), jobapp.Order(id=1)])
         session.commit()
-        summary = run_pending(jobapp.jobs, session)
+        summary = drain(jobapp.jobs, session)
     assert (summary.jobs["process_item"].done, summary.jobs["process_item"].failed) == (1, 1)
     assert summary.jobs["send_receipt"].done == 1
     assert sorted(effects(behaviour.effects)) == [1, 1, 2]
@@ -26,9 +26,9 @@ def test_run_pending_returns_what_each_job_did(engine: Engine, behaviour: jobapp
         session.commit()
     behaviour.poison = {7}
     with pytest.raises(ValueError, match="poison row 7"):
-        run_pending(jobapp.jobs, engine, queues=["items"], raise_errors=True)
+        drain(jobapp.jobs, engine, queues=["items"], raise_errors=True)
     with Session(engine) as session:
-        from batchjobs.schema import Failure
+        from batchjobs.store.tables import Failure
 
         assert session.get(Failure, ("process_item", "7")) is not None
 

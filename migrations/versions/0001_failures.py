@@ -7,7 +7,7 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
-from batchjobs.schema import UTCDateTime
+from batchjobs.store.tables import UTCDateTime
 
 revision = "0001"
 down_revision = None

@@ -7,7 +7,7 @@ Revises: 0002
 import sqlalchemy as sa
 from alembic import op
 
-from batchjobs.schema import UTCDateTime
+from batchjobs.store.tables import UTCDateTime
 
 revision = "0003"
 down_revision = "0002"

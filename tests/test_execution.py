@@ -1,6 +1,6 @@
-"""On PostgreSQL a run sends its own chunk statements straight to psycopg (batchjobs.direct):
-the same rows with the same values, the same errors, as through SQLAlchemy, and SQLAlchemy again
-wherever logging or a listener would miss them."""
+"""Every statement batchjobs sends goes through SQLAlchemy's public execution API: column types
+convert every value, errors are raised as SQLAlchemy raises them, listeners (tracing tools) see
+every statement, and whoever watches changes nothing about what runs."""
 
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from batchjobs import Registry, flag_column, run_pending
 from batchjobs.db import create_engine
-from batchjobs.direct import direct_allowed
 from batchjobs.migrate import migrate
-from batchjobs.schema import Failure
+from batchjobs.store.tables import Failure
 from conftest import cli_env, run_cli, url_of
 from test_cli import assert_one_line_error
 from test_run_pending import add_items, processed
@@ -91,7 +90,7 @@ def registry_for(seen: list[Any]) -> Registry:
     return registry
 
 
-@pytest.mark.parametrize("observed", [False, True], ids=["direct", "listener-on-engine"])
+@pytest.mark.parametrize("observed", [False, True], ids=["unobserved", "listener-on-engine"])
 def test_plain_rows_keys_and_failures_are_the_same_either_way(parcels: Engine, observed: bool) -> None:
     claims: list[str] = []
     if observed:
@@ -121,42 +120,103 @@ def test_plain_rows_keys_and_failures_are_the_same_either_way(parcels: Engine, o
     assert len(claims) == (4 if observed else 0)
 
 
-def trace(*_args: Any) -> None:
-    pass
+def statements_of(run: Any) -> list[str]:
+    """The statements a run sends, as a global tracing listener (OpenTelemetry's kind) sees them."""
+    seen: list[str] = []
 
+    def trace(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split()))
 
-def allowed(engine: Engine) -> bool:
-    """direct_allowed on a connection derived from ``engine``, as a run's is."""
-    with engine.execution_options(isolation_level="READ COMMITTED").connect() as connection:
-        return direct_allowed(connection)
-
-
-def test_direct_is_used_only_where_nothing_logs_or_listens(pg_url: str) -> None:
-    plain, echoing, listened = create_engine(pg_url), create_engine(pg_url, echo=True), create_engine(pg_url)
-    event.listen(listened, "before_execute", trace)
-    sql_logger = logging.getLogger("sqlalchemy.engine")
-    level = sql_logger.level
+    event.listen(Engine, "before_cursor_execute", trace)
     try:
-        assert allowed(plain)
-        assert not allowed(echoing)
-        assert not allowed(listened)
-        sql_logger.setLevel(logging.INFO)
-        assert not allowed(plain)
-        sql_logger.setLevel(level)
-        assert not allowed(plain.execution_options(schema_translate_map={None: "app"}))
-        # Tracing libraries may listen on every engine, or every connection, at once.
-        for every in (Engine, Connection):
-            event.listen(every, "before_cursor_execute", trace)
-            assert not allowed(plain)
-            event.remove(every, "before_cursor_execute", trace)
-        assert allowed(plain)
+        run()
     finally:
-        sql_logger.setLevel(level)
-        for every in (Engine, Connection):
-            if event.contains(every, "before_cursor_execute", trace):
-                event.remove(every, "before_cursor_execute", trace)
-        for engine in (plain, echoing, listened):
-            engine.dispose()
+        event.remove(Engine, "before_cursor_execute", trace)
+    return seen
+
+
+def test_a_tracing_listener_sees_every_claim_and_mark_and_changes_nothing(engine: Engine) -> None:
+    """Run twice on the same backlog, watched and unwatched: the same outcome, and the watched
+    run's statements are the whole story (one claim and one mark per chunk, no side path)."""
+    unwatched_summary = None
+    for watched in (False, True):
+        add_items(engine, 25)
+        seen: list[str] = []
+        run = lambda: run_pending(registry_of_items(), engine, batch_size=10, record=False)  # noqa: E731
+        if watched:
+            summaries: list[Any] = []
+            seen = statements_of(lambda: summaries.append(run()))
+            summary = summaries[0]
+        else:
+            summary = unwatched_summary = run()
+        assert (summary.done, summary.failed) == (25, 0)
+        assert all(processed(engine).values())
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM items"))
+    assert unwatched_summary is not None
+    claims = [s for s in seen if s.startswith("SELECT") and "batchjobs_row_key" in s]
+    marks = [s for s in seen if s.startswith("UPDATE items")]
+    # Chunks of 10, 10 and 5; the short chunk ends the walk, and a last claim finds nothing.
+    assert (len(claims), len(marks)) == (4, 3)
+
+
+def test_an_engine_with_its_own_creator_and_listeners_is_used_as_it_is(db_url: str) -> None:
+    """The app's creator (and so its connect arguments) makes every connection a run and its
+    worker threads use; on PostgreSQL its engine listeners see their statements."""
+    import sqlite3
+
+    import sqlalchemy
+
+    from batchjobs import run_concurrently
+    from batchjobs.db import parse_url
+
+    url = parse_url(db_url)
+    made: list[object] = []
+    if url.get_backend_name() == "sqlite":
+
+        def creator() -> Any:
+            made.append(url.database)
+            return sqlite3.connect(str(url.database), check_same_thread=False)
+
+    else:
+
+        def creator() -> Any:
+            made.append(url.database)
+            return psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+    app_engine = sqlalchemy.create_engine(url.set(query={}), creator=creator, pool_size=5)
+    setup = create_engine(db_url)
+    import jobapp
+
+    jobapp.Base.metadata.create_all(setup)
+    migrate(setup)
+    setup.dispose()
+    seen: list[str] = []
+
+    @event.listens_for(app_engine, "before_cursor_execute")
+    def watch(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    add_items(app_engine, 40)
+    made.clear()
+    summary = run_concurrently(registry_of_items(), app_engine, concurrency=2, pool="thread", batch_size=5)
+    assert summary.done == 40 and all(processed(app_engine).values())
+    assert made, "the run's connections came from the app's creator"
+    if url.get_backend_name() == "postgresql":
+        assert any("SKIP LOCKED" in statement for statement in seen)
+    app_engine.dispose()
+
+
+def registry_of_items() -> Registry:
+    import jobapp
+
+    registry = Registry()
+
+    @registry.flag_job(jobapp.Item.processed)
+    def handle(item: Any) -> None:
+        pass
+
+    return registry
 
 
 RAISE_ON_SHIP = """
@@ -177,8 +237,10 @@ def test_a_database_error_is_raised_as_sqlalchemy_raises_it_and_the_chunk_rolls_
 
     assert isinstance(caught.value.orig, psycopg.errors.RaiseException)
     assert "shipping is closed" in str(caught.value)
-    # The mark was sent straight to the driver, not through SQLAlchemy.
-    assert any(frame.filename.endswith("batchjobs/direct.py") for frame in traceback.extract_tb(caught.value.__traceback__))
+    # The mark-done UPDATE failed, sent by the store through SQLAlchemy's Connection.execute.
+    frames = [(frame.filename, frame.name) for frame in traceback.extract_tb(caught.value.__traceback__)]
+    assert any(name.endswith("batchjobs/store/base.py") and function == "mark_done" for name, function in frames)
+    assert any(name.endswith("sqlalchemy/engine/base.py") and function == "execute" for name, function in frames)
     with Session(parcels) as session:
         assert session.scalar(select(Parcel.id).where(Parcel.shipped.is_(True))) is None
         assert session.scalars(select(Failure)).all() == []

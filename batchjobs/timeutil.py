@@ -1,11 +1,22 @@
-"""Parse human durations such as ``55s``, ``10m``, ``1h30m`` or ``250ms``."""
+"""Time in one place: the UTC clock, UTC normalisation, and human durations (``55s``, ``1h30m``)."""
 
 from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 
 from batchjobs.errors import BatchJobsError
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC: every time batchjobs stores or compares."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """An aware UTC datetime; a naive one is taken as UTC (SQLite hands back naive values)."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

@@ -12,6 +12,8 @@ from typing import Any
 from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from batchjobs.timeutil import as_utc
+
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
 SCHEMA_REVISION = "0003"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
@@ -29,13 +31,11 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("batchjobs stores aware datetimes only")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        # In UTC: a database that keeps no time zone (SQLite) stores this wall time.
+        return value.astimezone(timezone.utc)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return None if value is None else as_utc(value)
 
 
 class Base(DeclarativeBase):

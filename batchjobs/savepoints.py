@@ -1,0 +1,122 @@
+"""Handlers inside the chunk's transaction: a session they cannot commit, and savepoints that cost nothing until used."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, event
+from sqlalchemy.orm import Session, SessionTransaction
+
+from batchjobs.errors import BatchJobsError
+from batchjobs.registry import FlagJob, JobContext
+from batchjobs.store import Store
+from batchjobs.timeouts import JobTimeout, TimeLimit
+
+
+class ChunkSession(Session):
+    """The chunk's session, as handlers see it through ``ctx.session``.
+
+    Committing, rolling back or closing it inside a handler would release the chunk's row locks
+    (another run could take the same rows) or undo rows already handled, so it is refused.
+    """
+
+    in_handler = False
+
+    def _refuse(self, what: str) -> None:
+        if self.in_handler:
+            raise BatchJobsError(f"handlers must not {what} the session: batchjobs commits the chunk itself")
+
+    def commit(self) -> None:
+        self._refuse("commit")
+        super().commit()
+
+    def rollback(self) -> None:
+        self._refuse("roll back")
+        super().rollback()
+
+    def close(self) -> None:
+        self._refuse("close")
+        super().close()
+
+
+class StatementCounter:
+    """Counts statements on one connection, to tell whether a handler used the database."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.count = 0
+        event.listen(connection, "before_cursor_execute", self._executed)
+
+    def _executed(self, *_args: Any) -> None:
+        self.count += 1
+
+
+class HandlerCalls:
+    """Calls a chunk's handlers, each in a savepoint, without paying for one per row.
+
+    SQLAlchemy sends SAVEPOINT only once a handler uses the connection, but its bookkeeping for
+    each nested transaction still costs more than a handler that sends an email. So handlers
+    share one nested transaction for as long as they leave the database and the session alone;
+    the first one that touches either gets its changes released (or, if it fails, rolled back)
+    right after it returns. A failure therefore never undoes an earlier row's writes, and a
+    chunk of handlers that do not write costs no savepoint at all. Handlers of plain rows
+    (``columns=``) that take no ctx run with no session, and skip all of this.
+    """
+
+    def __init__(
+        self, store: Store, job: FlagJob, session: ChunkSession | None, connection: Connection, statements: StatementCounter
+    ) -> None:
+        self.store = store
+        self.job = job
+        # None for handlers that cannot reach the chunk's transaction: they need no savepoint.
+        self.session = session
+        self.dbapi_connection = connection.connection.dbapi_connection
+        self.statements = statements
+        self.savepoint: SessionTransaction | None = None
+
+    def call(self, rows: Any, ctx: JobContext | None) -> BaseException | None:
+        """Run the handler; return the exception it raised (its changes undone), if any."""
+        job, session = self.job, self.session
+        if session is not None and self.savepoint is None:
+            self.savepoint = session.begin_nested()
+        limit = TimeLimit(job.timeout, self.store, self.dbapi_connection) if job.timeout else None
+        executed = self.statements.count
+        try:
+            if session is not None:
+                session.in_handler = True
+            try:
+                if limit is None:
+                    job.call(rows, ctx)
+                else:
+                    with limit:
+                        job.call(rows, ctx)
+            finally:
+                if session is not None:
+                    session.in_handler = False
+            if limit is not None and limit.expired:
+                raise limit.error()  # the handler swallowed the cancelled statement's error
+            # Each of these is a set of what changed, empty for a handler that only read: cheap
+            # enough for once per row.
+            if session is not None and (
+                self.statements.count != executed or session.new or session.dirty or session.deleted
+            ):
+                session.flush()
+                if self.store.in_failed_transaction(self.dbapi_connection):
+                    # The handler caught a database error and carried on; PostgreSQL refuses all
+                    # further statements until the savepoint is rolled back, so this row failed.
+                    raise BatchJobsError("the handler went on after a database error; its changes were rolled back")
+                assert self.savepoint is not None
+                self.savepoint.commit()
+                self.savepoint = None
+        except (JobTimeout, Exception) as exc:  # noqa: BLE001 - a handler may raise anything; it is recorded
+            savepoint, self.savepoint = self.savepoint, None
+            if savepoint is not None:
+                savepoint.rollback()
+            # A statement cancelled by the time limit surfaces as a driver error: call it a timeout.
+            return limit.error() if limit is not None and limit.expired and not isinstance(exc, JobTimeout) else exc
+        return None
+
+    def finish(self) -> None:
+        """Release the shared savepoint, if the last handlers left one open."""
+        if self.savepoint is not None:
+            self.savepoint.commit()
+            self.savepoint = None

@@ -1,0 +1,510 @@
+"""The Store: every statement batchjobs sends, behind one interface.
+
+A Store is batchjobs' view of one database through one engine. This module holds the interface
+and the statements every supported database accepts as SQLAlchemy writes them; a subclass per
+database (``postgresql.py``, ``sqlite.py``) supplies what differs: how rows are locked for a
+claim, how a chunk's keys are bound, upserts, lock waits, transaction control and DDL. Adding a
+database is adding one such module. Nothing outside this package builds SQL of its own or asks
+which database it talks to.
+
+Transactions belong to the caller: no method here begins, commits or rolls back, except where
+its name says so.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Connection,
+    Engine,
+    Integer,
+    Select,
+    String,
+    Table,
+    and_,
+    bindparam,
+    case,
+    cast,
+    delete,
+    false,
+    func,
+    insert,
+    inspect,
+    literal_column,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy import Dialect as SQLADialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Insert
+
+from batchjobs.errors import BatchJobsError
+from batchjobs.store.tables import VERSION_TABLE, BackfillState, Failure, RunRecord, UTCDateTime
+from batchjobs.timeutil import as_utc
+
+if TYPE_CHECKING:
+    from batchjobs.failures import RowFailure
+    from batchjobs.registry import FlagJob
+
+#: The parameter :meth:`Store.key_in` binds; prefixed so that it cannot clash with a column name.
+KEYS = "batchjobs_keys"
+#: Bound to the key a keyset walk continues after.
+AFTER = "batchjobs_after"
+#: Label of the row key the claim computes beside each row.
+ROW_KEY = "batchjobs_row_key"
+
+
+def row_key_sql(job: FlagJob) -> ColumnElement[str]:
+    """The row's primary key as text, the form failure records are keyed by."""
+    return cast(job.primary_key, String)
+
+
+def keyset(stmt: Select[Any], key: Column[Any], after: Any = None, *, bound: bool = False) -> Select[Any]:
+    """The one keyset walk: ``stmt`` in ``key`` order, after the ``after`` key when there is one.
+
+    With ``bound`` the position is the parameter :data:`AFTER`, so that the statement can be
+    built once and executed with each chunk's position.
+    """
+    stmt = stmt.order_by(key)
+    if bound:
+        return stmt.where(key > bindparam(AFTER, type_=key.type))
+    return stmt if after is None else stmt.where(key > after)
+
+
+def advance(position: Any, reached: Any) -> Any:
+    """The walk's next position, ``reached``, which must lie past the current ``position``.
+
+    Keyset order must move forward: anything else (a key type that does not sort as the database
+    sorts it, a selection that changes under the walk) would walk the same rows forever.
+    """
+    if position is not None and not reached > position:
+        raise BatchJobsError(f"the walk did not move past key {position}")
+    return reached
+
+
+def _held_back() -> ColumnElement[bool]:
+    """Failure-record condition for rows that must wait: dead, backing off, or failed this run.
+
+    ``now`` and ``run_started`` are bound at execution, so each statement is built once per run.
+    """
+    return or_(
+        Failure.dead.is_(True),
+        Failure.next_attempt_at > bindparam("now", type_=UTCDateTime()),
+        Failure.last_failed_at >= bindparam("run_started", type_=UTCDateTime()),
+    )
+
+
+class Store:
+    """batchjobs' statements for one database, executed on connections the caller hands in."""
+
+    #: SQLAlchemy's name for the database (``engine.dialect.name``).
+    name: ClassVar[str] = ""
+    #: URL schemes that mean this database without naming a driver, and the driver batchjobs uses.
+    schemes: ClassVar[tuple[str, ...]] = ()
+    default_driver: ClassVar[str | None] = None
+    #: Whether batchjobs' own migrations need alembic's batch mode (tables copied to be altered).
+    render_as_batch: ClassVar[bool] = False
+
+    def __init__(self, engine: Engine) -> None:
+        #: The engine batchjobs works through: the app's own, or one derived from it (see adopt).
+        self.engine = engine
+
+    # -- engines ---------------------------------------------------------------------------------
+
+    @classmethod
+    def configure(cls, engine: Engine) -> None:
+        """Install connection-level settings on an engine batchjobs created itself."""
+
+    @classmethod
+    def adopt(cls, engine: Engine) -> Engine:
+        """The engine to work through for an engine the app created; by default that engine."""
+        return engine
+
+    def claiming(self) -> Engine:
+        """The engine to open claiming transactions (chunks, admin changes, backfills) on."""
+        return self.engine
+
+    # -- driver and server behaviour -----------------------------------------------------------------
+
+    def limit_lock_wait(self, connection: Connection | Session, seconds: float) -> None:
+        """Make this transaction give up after waiting ``seconds`` for a lock another holds."""
+
+    def is_lock_timeout(self, error: DBAPIError) -> bool:
+        """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
+        return False
+
+    def in_failed_transaction(self, dbapi_connection: Any) -> bool:
+        """Whether a statement failed and the transaction refuses more until rolled back."""
+        return False
+
+    def cancel_running_statement(self, dbapi_connection: Any) -> bool:
+        """From a signal handler: cancel the statement the driver is waiting on, if there is one.
+
+        Returns False when no statement is in flight, so raising in Python code is safe.
+        """
+        return False
+
+    # -- building blocks the subclasses shape ------------------------------------------------------
+
+    def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
+        """Make a SELECT of pending rows take them for this transaction only."""
+        return stmt
+
+    def key_in(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
+        """``column IN (...)`` for a chunk's worth of keys, bound as ``{KEYS: key_list(...)}``."""
+        return column.in_(bindparam(KEYS, expanding=True))
+
+    def key_list(self, column: ColumnElement[Any], keys: Iterable[Any], bound: SQLADialect) -> Any:
+        """The value to bind to :meth:`key_in`'s parameter, for a connection of dialect ``bound``."""
+        return list(keys)
+
+    def upsert(self, table: Table) -> Insert:
+        """An INSERT that supports ``on_conflict_do_update`` and ``excluded``."""
+        raise NotImplementedError
+
+    # -- the run loop ------------------------------------------------------------------------------
+
+    def chunk_statements(self, job: FlagJob, limit: int) -> ChunkStatements:
+        """The claim, failure re-check and mark-done statements of ``job``, built once per run."""
+        return ChunkStatements(self, job, limit)
+
+    def record_failures(
+        self, connection: Connection | Session, job: FlagJob, failures: Sequence[RowFailure], now: datetime
+    ) -> None:
+        """Count one attempt for each failed row, and schedule its retry or declare it dead."""
+        if not failures:
+            return
+        table = Failure.__table__
+        upsert = self.upsert(table)
+        first_is_last = job.max_attempts <= 1
+        # The inserted values are those of a first failure; when a record exists already, the
+        # update below counts on from it, and uses this wait for the attempt the claim saw.
+        values = [
+            {
+                "job": job.name,
+                "row_key": failure.row_key,
+                "attempts": 1,
+                "first_failed_at": now,
+                "last_failed_at": now,
+                "next_attempt_at": None if first_is_last else now + failure.wait(job),
+                "dead": first_is_last,
+                "error_type": failure.error_type[:200],
+                "error_message": failure.message,
+                "traceback": failure.traceback,
+            }
+            for failure in failures
+        ]
+        # The count comes from the stored row, not from what the claim saw: attempts stay exact
+        # even if another runner recorded an attempt in between.
+        attempts = table.c.attempts + 1
+        now_dead = attempts >= job.max_attempts
+        stmt = upsert.values(values).on_conflict_do_update(  # type: ignore[attr-defined]
+            index_elements=[table.c.job, table.c.row_key],
+            set_={
+                "attempts": attempts,
+                "last_failed_at": upsert.excluded.last_failed_at,  # type: ignore[attr-defined]
+                "dead": now_dead,
+                "next_attempt_at": case(
+                    (now_dead, None), else_=func.coalesce(upsert.excluded.next_attempt_at, now)  # type: ignore[attr-defined]
+                ),
+                "error_type": upsert.excluded.error_type,  # type: ignore[attr-defined]
+                "error_message": upsert.excluded.error_message,  # type: ignore[attr-defined]
+                "traceback": upsert.excluded.traceback,  # type: ignore[attr-defined]
+            },
+        )
+        connection.execute(stmt)
+
+    def clear_failures(self, connection: Connection | Session, job_name: str, row_keys: Sequence[str]) -> int:
+        """Forget the failure records of these rows (after a success, a retry or a requeue)."""
+        if not row_keys:
+            return 0
+        bound = connection.dialect if isinstance(connection, Connection) else connection.get_bind().dialect
+        result = connection.execute(
+            delete(Failure).where(Failure.job == job_name, self.key_in(Failure.row_key)),
+            {KEYS: self.key_list(Failure.row_key, row_keys, bound)},
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- failures, for operators ----------------------------------------------------------------------
+
+    def has_failures(self, connection: Connection, job_name: str) -> bool:
+        """Whether any failure record names this job (it may no longer be registered)."""
+        return connection.scalar(select(Failure.job).where(Failure.job == job_name).limit(1)) is not None
+
+    def failures(self, connection: Connection, job_name: str | None = None, dead_only: bool = False) -> list[Failure]:
+        """Failure records, oldest failure first, detached from any session."""
+        stmt = select(Failure).order_by(Failure.job, Failure.first_failed_at, Failure.row_key)
+        if job_name is not None:
+            stmt = stmt.where(Failure.job == job_name)
+        if dead_only:
+            stmt = stmt.where(Failure.dead.is_(True))
+        with Session(connection, expire_on_commit=False) as session:
+            found = list(session.scalars(stmt))
+            session.expunge_all()
+        return found
+
+    def failure(self, connection: Connection, job_name: str, row_key: str) -> Failure | None:
+        """One row's failure record, traceback included, detached from any session."""
+        with Session(connection, expire_on_commit=False) as session:
+            found = session.get(Failure, (job_name, row_key))
+            if found is not None:
+                session.expunge(found)
+        return found
+
+    def failing_keys(self, connection: Connection, job_name: str, row_keys: Sequence[str]) -> set[str]:
+        """Which of these row keys have a failure record."""
+        return set(
+            connection.scalars(select(Failure.row_key).where(Failure.job == job_name, Failure.row_key.in_(row_keys)))
+        )
+
+    def delete_failures(
+        self, connection: Connection, job_name: str, row_keys: Sequence[str] = (), dead_only: bool = False
+    ) -> int:
+        """Delete a job's failure records: these rows', its dead ones', or all of them."""
+        stmt = delete(Failure).where(Failure.job == job_name)
+        if row_keys:
+            stmt = stmt.where(Failure.row_key.in_(row_keys))
+        if dead_only:
+            stmt = stmt.where(Failure.dead.is_(True))
+        return int(connection.execute(stmt).rowcount or 0)
+
+    def failure_counts(self, connection: Connection) -> dict[str, tuple[int, int]]:
+        """Per job name: (rows failing and waiting to retry, dead rows)."""
+        rows = connection.execute(
+            select(
+                Failure.job,
+                func.count().filter(Failure.dead == false()),
+                func.count().filter(Failure.dead == true()),
+            ).group_by(Failure.job)
+        )
+        return {name: (int(backoff), int(dead)) for name, backoff, dead in rows}
+
+    # -- a job's rows, for operators and admins ----------------------------------------------------------
+
+    def pending_count(self, connection: Connection, job: FlagJob) -> int:
+        """Rows waiting for this job (dead and backing-off rows included); rides the partial index."""
+        return int(connection.execute(select(func.count()).select_from(job.table).where(job.pending())).scalar_one())
+
+    def oldest_pending(self, connection: Connection, job: FlagJob) -> datetime | None:
+        """The ``pending_since`` of the job's oldest pending row, in UTC."""
+        assert job.pending_since is not None
+        oldest = connection.execute(select(func.min(job.pending_since)).where(job.pending())).scalar()
+        return as_utc(oldest) if oldest is not None else None
+
+    def count_rows(self, connection: Connection | Session, stmt: Select[Any]) -> int:
+        """How many rows ``stmt`` selects."""
+        return int(connection.execute(select(func.count()).select_from(stmt.order_by(None).subquery())).scalar_one())
+
+    def row_keys(
+        self, connection: Connection | Session, job: FlagJob, condition: ColumnElement[bool], limit: int, after: Any = None
+    ) -> list[tuple[Any, str]]:
+        """(primary key, row key) of the next ``limit`` rows matching ``condition`` after ``after``."""
+        walk = keyset(select(job.primary_key, row_key_sql(job)).where(condition), job.primary_key, after)
+        return [(key, row_key) for key, row_key in connection.execute(walk.limit(limit))]
+
+    def update_rows(
+        self,
+        connection: Connection | Session,
+        job: FlagJob,
+        keys: Sequence[Any],
+        condition: ColumnElement[bool],
+        values: dict[str, Any],
+    ) -> int:
+        """Set ``values`` on the rows with these primary keys that still match ``condition``."""
+        bound = connection.dialect if isinstance(connection, Connection) else connection.get_bind().dialect
+        changed = connection.execute(
+            update(job.table).where(self.key_in(job.primary_key), condition).values(values),
+            {KEYS: self.key_list(job.primary_key, keys, bound)},
+        )
+        return int(getattr(changed, "rowcount", 0) or 0)
+
+    # -- backfills -----------------------------------------------------------------------------------
+
+    def backfill_state(self, session: Session, name: str, *, lock: bool = False) -> BackfillState | None:
+        """A backfill's saved state; with ``lock``, locked until the transaction ends."""
+        return session.get(BackfillState, name, with_for_update=lock or None)
+
+    def backfill_states(self, connection: Connection) -> list[BackfillState]:
+        """Every saved backfill state, detached."""
+        with Session(connection, expire_on_commit=False) as session:
+            states = list(session.scalars(select(BackfillState)))
+            session.expunge_all()
+        return states
+
+    def next_objects(self, session: Session, query: Select[Any], key: Column[Any], after: Any, limit: int) -> list[Any]:
+        """The next ``limit`` ORM objects of ``query`` after the ``after`` key, in key order."""
+        return list(session.scalars(keyset(query.order_by(None), key, after).limit(limit)))
+
+    # -- run history ---------------------------------------------------------------------------------
+
+    def open_run(self, connection: Connection, values: dict[str, Any], prune_before: datetime) -> Any:
+        """Forget runs started before ``prune_before`` and record a new one; returns its id."""
+        runs = RunRecord.__table__
+        # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
+        # statement compiled in a fresh process, and these run in every tick.
+        connection.execute(delete(runs).where(runs.c.started_at < prune_before))
+        return connection.execute(insert(runs).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+
+    def save_run(self, connection: Connection, run_id: Any, values: dict[str, Any]) -> None:
+        runs = RunRecord.__table__
+        connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def runs_since(self, connection: Connection, since: datetime) -> list[RunRecord]:
+        """Runs that were active at or after ``since``, newest first, detached."""
+        stmt = select(RunRecord).where(RunRecord.heartbeat_at >= since).order_by(RunRecord.started_at.desc())
+        return self._detached(connection, stmt)
+
+    def last_run(self, connection: Connection, job_name: str | None = None) -> RunRecord | None:
+        """The latest run (that covered ``job_name``, when given), detached."""
+        stmt = select(RunRecord).order_by(RunRecord.started_at.desc(), RunRecord.id.desc())
+        if job_name is not None:
+            # Job names are stored comma-separated; match a whole name, not a prefix.
+            stmt = stmt.where(("," + RunRecord.jobs + ",").contains(f",{job_name},"))
+        found = self._detached(connection, stmt.limit(1))
+        return found[0] if found else None
+
+    @staticmethod
+    def _detached(connection: Connection, stmt: Select[Any]) -> list[Any]:
+        with Session(connection, expire_on_commit=False) as session:
+            found = list(session.scalars(stmt))
+            session.expunge_all()
+        return found
+
+    # -- batchjobs' own schema, and the app's flag columns ------------------------------------------------
+
+    def schema_revision(self, connection: Connection) -> str | None:
+        """The revision of batchjobs' own tables, or None when they were never created."""
+        if not inspect(connection).has_table(VERSION_TABLE):
+            return None
+        return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+
+    @classmethod
+    def add_flag_column(cls, op: Any, table: str, column: str, *, existing_done: bool) -> None:
+        """Add a NOT NULL Boolean flag, false (pending) for new rows, ``existing_done`` for old ones."""
+        import sqlalchemy as sa
+
+        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
+        if existing_done:
+            op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
+
+    @classmethod
+    def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:
+        """Create the partial index of pending rows, as :func:`batchjobs.pending_index` declares it."""
+        raise NotImplementedError
+
+
+class ChunkStatements:
+    """One job's chunk statements, built once per run and executed with each chunk's values.
+
+    Building a statement and its cache key costs more than handling a small chunk of rows, so
+    every value that changes between chunks is a bound parameter, and SQLAlchemy's compiled
+    cache finds each statement by identity from the second chunk on.
+    """
+
+    def __init__(self, store: Store, job: FlagJob, limit: int) -> None:
+        self.store = store
+        self.job = job
+        # Looked up once: reading it means a mapper lookup, and it is needed for every chunk.
+        self.pk_attr = job.primary_key_attr
+        self.claim = self.claim_statement(limit)
+        self.claim_after = self.claim_statement(limit, keyset_walk=True)
+        self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
+            Failure.job == job.name, store.key_in(Failure.row_key)
+        )
+        self.mark = (
+            update(job.table)
+            .where(store.key_in(job.primary_key))
+            .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
+        )
+        # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
+        self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
+
+    def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
+        """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
+
+        Rows come as the job's model instance (or its ``columns``) followed by the row key. The
+        key is computed by the database, the same expression the failure lookups use, so both
+        agree for every key type (a UUID is text with hyphens on PostgreSQL, 32 hex digits on
+        SQLite). Execute with ``now`` and ``run_started``; with ``keyset_walk``, also with
+        :data:`AFTER`: only rows with a greater primary key are claimed.
+
+        The failure check is a scalar subquery on purpose: PostgreSQL turns NOT EXISTS into an
+        anti-join, and a hash anti-join loses the index order, so with stale statistics it would
+        sort every pending row on every claim. A scalar subquery is looked up per row through the
+        failure table's primary key while the partial pending index is walked in key order, and
+        the walk stops after ``limit`` rows: O(pending + failing) at worst, never O(table).
+
+        It is tested with IS NOT TRUE, not IS NULL: the planner guesses that IS NULL on a
+        subquery keeps 0.5% of rows, so it would expect to walk the whole pending index to find
+        ``limit`` rows, and past ``jit_above_cost`` it JIT-compiles every claim (milliseconds
+        each). IS NOT TRUE gets the neutral guess of one half, which keeps the estimate near the
+        real cost.
+
+        The limit is part of the SQL text, not a parameter: for an unknown limit PostgreSQL's
+        generic plan expects a long walk, so it would plan every claim afresh.
+        """
+        job = self.job
+        # No LIMIT 1 needed: (job, row_key) is the failure table's primary key.
+        of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
+        held_back = select(true()).where(of_this_row, _held_back()).scalar_subquery()
+        # Table columns, not mapped attributes, for plain rows: the ORM stays out of that path.
+        loaded: list[Any] = list(job.columns) if job.columns else [job.model]
+        stmt = keyset(
+            # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
+            # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
+            select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), held_back.is_not(true())),
+            job.primary_key,
+            bound=keyset_walk,
+        ).limit(literal_column(str(int(limit)), Integer()))
+        return self.store.lock_for_claim(stmt, job.table)
+
+    def claim_rows(
+        self, connection: Connection, session: Session | None, now: datetime, run_started: datetime, after: Any = None
+    ) -> list[tuple[Any, str]]:
+        """Lock pending rows: (row for the handler, row key) pairs, in key order.
+
+        ORM objects are loaded into ``session``; plain rows come straight from ``connection``.
+        With ``after`` (a primary-key value), only rows with a greater key are claimed.
+        """
+        params: dict[str, Any] = {"now": now, "run_started": run_started}
+        claim = self.claim
+        if after is not None:
+            params[AFTER] = after
+            claim = self.claim_after
+        if self.record is None:
+            assert session is not None, "ORM objects are loaded into a session"
+            return [(row, key) for row, key in session.execute(claim, params).all()]
+        make = self.record._make
+        return [(make(values[:-1]), values[-1]) for values in connection.execute(claim, params)]
+
+    def failure_states(
+        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime
+    ) -> dict[str, tuple[int, bool]]:
+        """For claimed rows that have a failure record: row key -> (attempts so far, held back).
+
+        Run right after the claim, as its own statement: under READ COMMITTED it sees every
+        failure committed before this transaction got the row locks, including one recorded by
+        another runner after the claim's snapshot was taken. Skipping rows held back here means
+        a row is never attempted twice by overlapping runs before its backoff has passed.
+        """
+        keys_param = self.store.key_list(Failure.row_key, keys, connection.dialect)
+        params = {KEYS: keys_param, "now": now, "run_started": run_started}
+        rows = connection.execute(self.failures, params)
+        return {key: (attempts, bool(held)) for key, attempts, held in rows}
+
+    def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
+        """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
+        if keys:
+            done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
+            keys_param = self.store.key_list(self.job.primary_key, keys, connection.dialect)
+            connection.execute(self.mark, {KEYS: keys_param, **done})

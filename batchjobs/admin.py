@@ -99,7 +99,9 @@ class Preview:
     sample: list[str]
 
 
-def preview_change(registry: Registry, engine: Engine, job: str, selection: Selection, action: str, sample_size: int = 10) -> Preview:
+def preview_change(
+    registry: Registry, engine: Engine, job: str, selection: Selection, action: str, sample_size: int = 10
+) -> Preview:
     """Count the rows ``action`` would change, without changing anything."""
     flag_job = registry.job(job)
     changes, _ = _plan(flag_job, action, utcnow())

@@ -69,9 +69,10 @@ def run_backfill(
 ) -> BackfillResult:
     """Run (or resume) a backfill until its query has no rows left, ``stop`` is set, or it fails.
 
-    Each chunk commits with the saved position. ``restart`` starts over from the first row. ``throttle`` sleeps that many seconds between
-    chunks, to leave the database room. ``progress`` is called after each committed chunk with
-    (rows in the chunk, total rows expected, counted once at the start).
+    Each chunk commits with the saved position. ``restart`` starts over from the first row.
+    ``throttle`` sleeps that many seconds between chunks, to leave the database room.
+    ``progress`` is called after each committed chunk with (rows in the chunk, total rows
+    expected, counted once at the start).
     """
     backfill = registry.get_backfill(name)
     store = store_for(engine)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 from sqlalchemy import Connection, Engine
@@ -79,7 +80,7 @@ class _State:
         return connection
 
 
-class _Duration(click.ParamType):
+class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in some click versions
     name = "duration"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
@@ -197,7 +198,7 @@ def run_pending_command(
     registry = state.registry()
     # Threads share the engine's pool: one connection each, and one for the run history.
     engine = state.engine(pool_size=concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
-    options = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval)
+    options: dict[str, Any] = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval)
     with stop_on_signals() as stop:
         if concurrency == 1:
             summary = run_pending(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
@@ -374,7 +375,8 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
     else:
         state_line = f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
     click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s), {state_line}")
-    click.echo(f"first failed {failure.first_failed_at:%Y-%m-%d %H:%M:%S} UTC, last {failure.last_failed_at:%Y-%m-%d %H:%M:%S} UTC")
+    stamp = "%Y-%m-%d %H:%M:%S"
+    click.echo(f"first failed {failure.first_failed_at:{stamp}} UTC, last {failure.last_failed_at:{stamp}} UTC")
     click.echo("")
     click.echo(failure.traceback.rstrip())
 
@@ -489,11 +491,12 @@ def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]
             _echo_json({"action": action, "job": job.name, "dry_run": True, "rows": planned.rows, "sample": planned.sample})
         else:
             sample = ", ".join(planned.sample) + (", ..." if planned.rows > len(planned.sample) else "")
-            click.echo(f"{action} {job.name} (dry run): {planned.rows:,} rows would be {verb}" + (f"; first keys: {sample}" if sample else ""))
+            first = f"; first keys: {sample}" if sample else ""
+            click.echo(f"{action} {job.name} (dry run): {planned.rows:,} rows would be {verb}{first}")
             click.echo("nothing was changed")
         return
     if planned.rows > CONFIRM_ABOVE and not opts["yes"]:
-        if not click.get_text_stream("stdin").isatty():
+        if sys.stdin is None or not sys.stdin.isatty():
             raise BatchJobsError(f"this would change {planned.rows:,} rows; pass --yes to confirm (no terminal to ask on)")
         click.confirm(f"{action} {job.name}: change {planned.rows:,} rows?", abort=True, err=True)
     progress = Progress(f"{action} {job.name}", planned.rows)
@@ -503,7 +506,16 @@ def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]
     )
     progress.finish()
     if opts["as_json"]:
-        _echo_json({"action": action, "job": job.name, "dry_run": False, "rows": result.rows, "chunks": result.chunks, "failures_cleared": result.failures_cleared})
+        _echo_json(
+            {
+                "action": action,
+                "job": job.name,
+                "dry_run": False,
+                "rows": result.rows,
+                "chunks": result.chunks,
+                "failures_cleared": result.failures_cleared,
+            }
+        )
     else:
         cleared = f" ({result.failures_cleared} failure records cleared)" if result.failures_cleared else ""
         click.echo(f"{action} {job.name}: {result.rows:,} rows {verb} in {result.chunks} chunk(s){cleared}")
@@ -513,7 +525,7 @@ def _change_rows(state: _State, action: str, job_name: str, opts: dict[str, Any]
 @click.argument("job")
 @_selection_options
 @click.pass_obj
-def mark_done_command(state: _State, job: str, **opts: Any) -> None:
+def mark_done_command(state: _State, /, job: str, **opts: Any) -> None:
     """Set the flag of selected rows to done WITHOUT running the handler.
 
     For example before enabling a new job on a table whose existing rows must
@@ -527,7 +539,7 @@ def mark_done_command(state: _State, job: str, **opts: Any) -> None:
 @click.argument("job")
 @_selection_options
 @click.pass_obj
-def requeue_command(state: _State, job: str, **opts: Any) -> None:
+def requeue_command(state: _State, /, job: str, **opts: Any) -> None:
     """Set the flag of selected rows back to pending, so the next run handles them again.
 
     Also clears their failure records, so dead or backing-off rows are eligible
@@ -540,7 +552,9 @@ def requeue_command(state: _State, job: str, **opts: Any) -> None:
 @click.argument("name")
 @click.option("--restart", is_flag=True, help="Start over from the first row instead of resuming.")
 @click.option("--throttle", type=DURATION, default="0s", metavar="DURATION", help="Sleep this long between chunks, e.g. 0.2s.")
-@click.option("--dry-run", is_flag=True, help="Run the next chunk in a transaction that is rolled back; report what it would change.")
+@click.option(
+    "--dry-run", is_flag=True, help="Run the next chunk in a transaction that is rolled back; report what it would change."
+)
 @click.pass_obj
 def backfill_command(state: _State, name: str, restart: bool, throttle: float, dry_run: bool) -> None:
     """Run a backfill defined with @jobs.backfill, resuming where it stopped.
@@ -668,7 +682,9 @@ def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> Non
 class _CheckCommand(click.Command):
     """Nagios convention: anything that stops the check itself is UNKNOWN (exit 3), even bad usage."""
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
@@ -679,7 +695,9 @@ class _CheckCommand(click.Command):
 @main.command("check", cls=_CheckCommand)
 @click.option("--job", "jobs", multiple=True, metavar="NAME", help="Only this job (repeatable). Default: all.")
 @click.option("--max-pending", metavar="[WARN,]CRIT", help="Pending rows per job.")
-@click.option("--max-pending-age", metavar="[WARN,]CRIT", help="Age of the oldest pending row, e.g. 5m,10m (needs pending_since=).")
+@click.option(
+    "--max-pending-age", metavar="[WARN,]CRIT", help="Age of the oldest pending row, e.g. 5m,10m (needs pending_since=)."
+)
 @click.option("--max-dead", metavar="[WARN,]CRIT", help="Dead rows per job, e.g. 0 for none at all.")
 @click.option("--max-since-last-run", metavar="[WARN,]CRIT", help="Time since the last run started, e.g. 2m,5m.")
 @click.pass_obj
@@ -703,7 +721,7 @@ def check_command(
         return Threshold.parse(text, option, duration) if text is not None else NO_LIMIT
 
     try:
-        thresholds = {
+        thresholds: dict[str, Any] = {
             "max_pending": limit(max_pending, "--max-pending"),
             "max_pending_age": limit(max_pending_age, "--max-pending-age", duration=True),
             "max_dead": limit(max_dead, "--max-dead"),

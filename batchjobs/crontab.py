@@ -11,10 +11,10 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from batchjobs.text import table_lines
-from batchjobs.timeutil import parse_duration
 from batchjobs.errors import BatchJobsError
 from batchjobs.registry import Registry
+from batchjobs.text import table_lines
+from batchjobs.timeutil import parse_duration
 
 FORMATS = ("cron", "systemd")
 DEFAULT_DATABASE_URL_ENV = "BATCHJOBS_DATABASE_URL"

@@ -44,7 +44,7 @@ class Backoff:
 
     def __call__(self, attempt: int) -> float:
         # The exponent is bounded first: 2**1100 would overflow a float long before the cap.
-        delay = min(self.cap, self.base * 2 ** min(attempt - 1, 60))
+        delay = min(self.cap, self.base * 2.0 ** min(attempt - 1, 60))
         return delay * random.uniform(1 - self.jitter, 1 + self.jitter)
 
 
@@ -109,7 +109,9 @@ class FailureInfo:
 
 
 @contextmanager
-def _failures_of(registry: Registry, bind: Engine | Connection, job: str | None) -> Iterator[tuple[Store, Connection, str | None]]:
+def _failures_of(
+    registry: Registry, bind: Engine | Connection, job: str | None
+) -> Iterator[tuple[Store, Connection, str | None]]:
     """The Store, a connection, and the job's name: registered, or still named by failure records."""
     with connection_for(bind) as connection:
         store = store_for(connection.engine)

@@ -65,7 +65,8 @@ def collect(registry: Registry, bind: Engine | Connection, now: datetime | None 
 
 def render(metrics: Any) -> str:
     """The text exposition format."""
-    return _prometheus().generate_latest(metrics).decode()
+    exposition: bytes = _prometheus().generate_latest(metrics)
+    return exposition.decode()
 
 
 def write_textfile(metrics: Any, path: Path) -> None:

@@ -7,9 +7,10 @@ index (O(pending)), failures and runs are batchjobs' own small tables.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
@@ -133,7 +134,9 @@ def _run_info(run: RunRecord, now: datetime) -> RunInfo:
     )
 
 
-def last_run(registry: Registry, bind: Engine | Connection, job: str | None = None, now: datetime | None = None) -> RunInfo | None:
+def last_run(
+    registry: Registry, bind: Engine | Connection, job: str | None = None, now: datetime | None = None
+) -> RunInfo | None:
     """The latest run (that covered ``job``, when given). Reads only."""
     with connection_for(bind) as connection:
         run = store_for(connection.engine).last_run(connection, job)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, select
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
@@ -215,6 +216,7 @@ def _plain_columns(model: type, attributes: Sequence[InstrumentedAttribute[Any]]
         return ()
     mapper: Mapper[Any] = inspect(model)
     table = mapper.local_table
+    assert isinstance(table, Table)
     loaded = [next(iter(table.primary_key.columns))]
     for attribute in attributes:
         column = _column(attribute)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 from batchjobs.errors import BatchJobsError
 
+
 def utcnow() -> datetime:
     """The current time, timezone-aware, in UTC: every time batchjobs stores or compares."""
     return datetime.now(timezone.utc)

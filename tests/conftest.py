@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jobapp
 import pytest
 import sqlalchemy
 from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
-import jobapp
-from batchjobs.store.base import AFTER, ROW_KEY
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
+from batchjobs.store.base import AFTER, ROW_KEY
 
 TESTS = Path(__file__).parent
 BATCHJOBS = str(Path(sys.executable).with_name("batchjobs"))

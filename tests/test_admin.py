@@ -6,16 +6,15 @@ import json
 import threading
 from datetime import datetime, timezone
 
+import jobapp
 import pytest
+from conftest import cli_env, run_cli, start_cli, url_of
 from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.orm import Session
-
-import jobapp
-from batchjobs import BatchJobsError
-from batchjobs import Selection, change_rows, preview_change
-from batchjobs.store.tables import Failure
-from conftest import cli_env, run_cli, start_cli, url_of
 from test_run_pending import add_items, processed
+
+from batchjobs import BatchJobsError, Selection, change_rows, preview_change
+from batchjobs.store.tables import Failure
 
 JOB = "process_item"
 

@@ -76,10 +76,10 @@ def test_add_flag_column_on_a_table_with_rows(db_url: str, tmp_path: Path, exist
 
 
 def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
+    import jobapp
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    import jobapp
     from batchjobs.alembic import include_name
     from batchjobs.migrate import migrate
 

@@ -9,13 +9,13 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import jobapp
+from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, func, select, text, update
 from sqlalchemy.orm import Session
-
-import jobapp
-from batchjobs.store.tables import BackfillState
-from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from test_run_pending import add_items
+
+from batchjobs.store.tables import BackfillState
 
 
 def _unfilled(engine: Engine) -> int:

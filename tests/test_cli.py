@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
-
 from conftest import cli_env, run_cli, url_of
+from sqlalchemy import Engine
 from test_run_pending import add_items
 
 

@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jobapp
 import pytest
+from conftest import cli_env, run_cli
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 
-import jobapp
 from batchjobs import BatchJobsError, Registry
 from batchjobs.crontab import render_schedule
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
-from conftest import cli_env, run_cli
 
 APP = "jobapp:jobs"
 WELCOME = "batchjobs.examples.welcome.app:jobs"

@@ -6,19 +6,19 @@ import time
 import uuid
 from pathlib import Path
 
+import jobapp
 import pytest
 import sqlalchemy
+from conftest import count_claims, run_cli
 from sqlalchemy import Boolean, DateTime, Engine, String, Uuid, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from test_run_pending import add_items, processed
 
-import jobapp
 from batchjobs import BatchJobsError, Registry, flag_column, run_pending
-from batchjobs.timeutil import parse_duration
 from batchjobs.failures import retry
 from batchjobs.migrate import migrate
 from batchjobs.store.tables import Failure
-from conftest import count_claims, run_cli
-from test_run_pending import add_items, processed
+from batchjobs.timeutil import parse_duration
 
 
 def _failure(engine: Engine, job: str, key: str) -> Failure | None:

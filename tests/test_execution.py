@@ -5,7 +5,6 @@ every statement, and whoever watches changes nothing about what runs."""
 from __future__ import annotations
 
 import enum
-import logging
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -15,17 +14,17 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Connection, DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, func, select, text
+from conftest import cli_env, run_cli, url_of
+from sqlalchemy import DateTime, Engine, Enum, Numeric, String, TypeDecorator, Uuid, event, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from test_cli import assert_one_line_error
+from test_run_pending import add_items, processed
 
 from batchjobs import Registry, flag_column, run_pending
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
 from batchjobs.store.tables import Failure
-from conftest import cli_env, run_cli, url_of
-from test_cli import assert_one_line_error
-from test_run_pending import add_items, processed
 
 
 class Color(enum.Enum):
@@ -120,40 +119,28 @@ def test_plain_rows_keys_and_failures_are_the_same_either_way(parcels: Engine, o
     assert len(claims) == (4 if observed else 0)
 
 
-def statements_of(run: Any) -> list[str]:
-    """The statements a run sends, as a global tracing listener (OpenTelemetry's kind) sees them."""
+def test_a_tracing_listener_sees_every_claim_and_mark_and_changes_nothing(engine: Engine) -> None:
+    """Run twice on the same backlog, unwatched and watched by a global listener (as OpenTelemetry's
+    SQLAlchemy instrumentation listens): the same outcome, and the watched run's statements are the
+    whole story (a claim and a mark per chunk, no side path)."""
     seen: list[str] = []
 
     def trace(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(" ".join(statement.split()))
 
-    event.listen(Engine, "before_cursor_execute", trace)
-    try:
-        run()
-    finally:
-        event.remove(Engine, "before_cursor_execute", trace)
-    return seen
-
-
-def test_a_tracing_listener_sees_every_claim_and_mark_and_changes_nothing(engine: Engine) -> None:
-    """Run twice on the same backlog, watched and unwatched: the same outcome, and the watched
-    run's statements are the whole story (one claim and one mark per chunk, no side path)."""
-    unwatched_summary = None
     for watched in (False, True):
         add_items(engine, 25)
-        seen: list[str] = []
-        run = lambda: run_pending(registry_of_items(), engine, batch_size=10, record=False)  # noqa: E731
         if watched:
-            summaries: list[Any] = []
-            seen = statements_of(lambda: summaries.append(run()))
-            summary = summaries[0]
-        else:
-            summary = unwatched_summary = run()
+            event.listen(Engine, "before_cursor_execute", trace)
+        try:
+            summary = run_pending(registry_of_items(), engine, batch_size=10, record=False)
+        finally:
+            if watched:
+                event.remove(Engine, "before_cursor_execute", trace)
         assert (summary.done, summary.failed) == (25, 0)
         assert all(processed(engine).values())
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM items"))
-    assert unwatched_summary is not None
     claims = [s for s in seen if s.startswith("SELECT") and "batchjobs_row_key" in s]
     marks = [s for s in seen if s.startswith("UPDATE items")]
     # Chunks of 10, 10 and 5; the short chunk ends the walk, and a last claim finds nothing.

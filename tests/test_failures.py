@@ -8,16 +8,16 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import jobapp
 import pytest
+from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
+from test_run_pending import add_items, processed
 
-import jobapp
 from batchjobs import Registry, run_pending
 from batchjobs.failures import retry
 from batchjobs.store.tables import Failure
-from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
-from test_run_pending import add_items, processed
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from conftest import cli_env, run_cli
 from sqlalchemy import inspect, text
 
 from batchjobs.db import create_engine
 from batchjobs.migrate import migrate
 from batchjobs.store.tables import SCHEMA_REVISION, VERSION_TABLE, metadata
-from conftest import cli_env, run_cli
 
 
 def test_migrate_creates_tables_beside_the_apps_own_alembic_history(db_url: str) -> None:

@@ -7,17 +7,17 @@ import signal
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import jobapp
 import pytest
+from conftest import blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
-import jobapp
 from batchjobs.check import CRITICAL, OK, UNKNOWN, WARNING, Threshold, run_check
-from batchjobs.timeutil import utcnow
 from batchjobs.history import STALE_AFTER
 from batchjobs.monitoring import status
 from batchjobs.store.tables import Failure, RunRecord
-from conftest import blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
+from batchjobs.timeutil import utcnow
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 

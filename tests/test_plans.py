@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
+import jobapp
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-import jobapp
 from batchjobs.store import store_for
 from batchjobs.store.tables import Failure
 

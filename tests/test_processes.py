@@ -7,11 +7,10 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from sqlalchemy import Engine, func, insert, select
-from sqlalchemy.orm import Session
-
 import jobapp
 from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
+from sqlalchemy import Engine, func, insert, select
+from sqlalchemy.orm import Session
 from test_run_pending import add_items
 
 

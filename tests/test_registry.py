@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import jobapp
 import pytest
 from sqlalchemy import Integer, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.schema import CreateIndex
 
-import jobapp
 from batchjobs import BatchJobsError, Registry, flag_column, pending_index
 from batchjobs.registry import load_registry
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import jobapp
 import pytest
+from conftest import count_claims, effects
 from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.orm import Session
 
-import jobapp
 from batchjobs import JobContext, run_pending
 from batchjobs.store.tables import Failure
-from conftest import count_claims, effects
 
 
 def add_items(engine: Engine, count: int, start: int = 1, **values: object) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import jobapp
 import pytest
+from conftest import effects
 from sqlalchemy import Engine, insert
 from sqlalchemy.orm import Session
 
-import jobapp
 from batchjobs.testing import drain, eager
-from conftest import effects
 
 
 def test_run_pending_returns_what_each_job_did(engine: Engine, behaviour: jobapp.Behaviour) -> None:

@@ -8,9 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
-
 from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
+from sqlalchemy import Engine
 from test_run_pending import add_items, processed
 
 

@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
 from batchjobs.errors import BatchJobsError
-from batchjobs.store.tables import VERSION_TABLE, BackfillState, Failure, RunRecord, UTCDateTime
+from batchjobs.store.tables import FAILURES, RUNS, VERSION_TABLE, BackfillState, Failure, RunRecord, UTCDateTime
 from batchjobs.timeutil import as_utc
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ class Store:
         """Count one attempt for each failed row, and schedule its retry or declare it dead."""
         if not failures:
             return
-        table = Failure.__table__
+        table = FAILURES
         upsert = self.upsert(table)
         first_is_last = job.max_attempts <= 1
         # The inserted values are those of a first failure; when a record exists already, the
@@ -230,8 +230,8 @@ class Store:
             return 0
         bound = connection.dialect if isinstance(connection, Connection) else connection.get_bind().dialect
         result = connection.execute(
-            delete(Failure).where(Failure.job == job_name, self.key_in(Failure.row_key)),
-            {KEYS: self.key_list(Failure.row_key, row_keys, bound)},
+            delete(Failure).where(Failure.job == job_name, self.key_in(FAILURES.c.row_key)),
+            {KEYS: self.key_list(FAILURES.c.row_key, row_keys, bound)},
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
@@ -349,15 +349,15 @@ class Store:
 
     def open_run(self, connection: Connection, values: dict[str, Any], prune_before: datetime) -> Any:
         """Forget runs started before ``prune_before`` and record a new one; returns its id."""
-        runs = RunRecord.__table__
         # Core statements rather than the ORM's unit of work: an idle cron tick pays for every
         # statement compiled in a fresh process, and these run in every tick.
-        connection.execute(delete(runs).where(runs.c.started_at < prune_before))
-        return connection.execute(insert(runs).values(**values)).inserted_primary_key[0]  # type: ignore[index]
+        connection.execute(delete(RUNS).where(RUNS.c.started_at < prune_before))
+        created = connection.execute(insert(RUNS).values(**values)).inserted_primary_key
+        assert created is not None
+        return created[0]
 
     def save_run(self, connection: Connection, run_id: Any, values: dict[str, Any]) -> None:
-        runs = RunRecord.__table__
-        connection.execute(update(runs).where(runs.c.id == run_id).values(**values))
+        connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
 
     def runs_since(self, connection: Connection, since: datetime) -> list[RunRecord]:
         """Runs that were active at or after ``since``, newest first, detached."""
@@ -419,7 +419,7 @@ class ChunkStatements:
         self.claim = self.claim_statement(limit)
         self.claim_after = self.claim_statement(limit, keyset_walk=True)
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
-            Failure.job == job.name, store.key_in(Failure.row_key)
+            Failure.job == job.name, store.key_in(FAILURES.c.row_key)
         )
         self.mark = (
             update(job.table)
@@ -427,7 +427,7 @@ class ChunkStatements:
             .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
         )
         # Plain rows are named tuples: as cheap as the driver's tuples, readable as row.email.
-        self.record = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None  # type: ignore[misc]
+        self.record: Any = namedtuple(f"{job.model.__name__}Row", job.fields) if job.columns else None
 
     def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
         """Select up to ``limit`` pending rows that are not held back, locked for this transaction.
@@ -497,7 +497,7 @@ class ChunkStatements:
         another runner after the claim's snapshot was taken. Skipping rows held back here means
         a row is never attempted twice by overlapping runs before its backoff has passed.
         """
-        keys_param = self.store.key_list(Failure.row_key, keys, connection.dialect)
+        keys_param = self.store.key_list(FAILURES.c.row_key, keys, connection.dialect)
         params = {KEYS: keys_param, "now": now, "run_started": run_started}
         rows = connection.execute(self.failures, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}

@@ -7,9 +7,9 @@ Changes to these models need a new revision in ``migrations/versions`` and a bum
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData, String, Table, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from batchjobs.timeutil import as_utc
@@ -110,3 +110,6 @@ class RunRecord(Base):
 
 
 metadata = Base.metadata
+#: The tables themselves, for Core statements.
+FAILURES = cast(Table, Failure.__table__)
+RUNS = cast(Table, RunRecord.__table__)

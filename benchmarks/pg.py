@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,23 +60,29 @@ class Server:
         return f"{row[0]} ({row[1]})"
 
     @contextmanager
-    def database(self, label: str) -> Iterator[URL]:
+    def database(self, label: str, setup: Callable[[URL], object] | None = None) -> Iterator[URL]:
         """A new database holding the benchmark app's tables and batchjobs' own; dropped afterwards.
 
         A database per scenario keeps one scenario's dead tuples and cached plans out of the next.
+        ``setup`` creates the tables instead of this process's batchjobs (another revision's code
+        creates its own, at the schema revision it expects).
         """
         name = f"bench_{label}_{uuid.uuid4().hex[:8]}"
         with connect(self.url, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
         url = self.url.set(database=name)
-        engine = create_engine(url)
         try:
-            benchapp.Base.metadata.create_all(engine)
-            migrate(engine)
-            engine.dispose()
+            if setup is not None:
+                setup(url)
+            else:
+                engine = create_engine(url)
+                try:
+                    benchapp.Base.metadata.create_all(engine)
+                    migrate(engine)
+                finally:
+                    engine.dispose()
             yield url
         finally:
-            engine.dispose()
             with connect(self.url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -1,6 +1,7 @@
 """Benchmarks for batchjobs on PostgreSQL, each measured beside the database's own limit.
 
     python benchmarks/run.py [--database-url URL] [--quick] [--json PATH]
+                             [--baseline REV] [--callgrind] [--scenarios NAME,...]
 
 Without --database-url a throwaway embedded PostgreSQL is started. Results are printed as a
 markdown table and written as JSON; README.md in this folder explains every number.
@@ -13,13 +14,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,18 @@ from batchjobs import run_pending
 from batchjobs.db import create_engine
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the checkout whose batchjobs is "the current code"
 BATCH = benchapp.BATCH_SIZE
 TABLE = benchapp.Row.__tablename__
 
 # Targets. Throughput is compared as a ratio to the SQL loop on the same server in the same run,
 # because absolute numbers move with the machine and its neighbours.
-DRAIN_RATIO_TARGET = 0.5
+DRAIN_RATIO_TARGET = 0.5  # the CLI process, plain rows, of the SQL limit
+PLAIN_KEYSET_TARGET = 0.75  # run_pending with plain rows, of the keyset SQL loop, with and without a listener
+ORM_KEYSET_TARGET = 0.45  # the same with ORM objects
+# Client instructions per row, current code / baseline: at most "no higher", give or take what
+# differs between two checkouts of the same code (paths, ids; 0.05% when both are the same commit).
+CALLGRIND_TOLERANCE = 1.005
 IDLE_RATIO_TARGET = 1.2
 IDLE_SECONDS_TARGET = 0.4
 MARK_RSS_RATIO_TARGET = 1.1
@@ -60,6 +68,7 @@ class Sizes:
     insert_rounds: int
     inserts_per_round: int
     import_runs: int
+    callgrind: int
 
 
 FULL = Sizes(
@@ -76,6 +85,7 @@ FULL = Sizes(
     insert_rounds=20,
     inserts_per_round=500,
     import_runs=7,
+    callgrind=5_000,
 )
 QUICK = Sizes(
     drain=5_000,
@@ -91,6 +101,7 @@ QUICK = Sizes(
     insert_rounds=6,
     inserts_per_round=150,
     import_runs=3,
+    callgrind=5_000,
 )
 
 
@@ -206,6 +217,74 @@ def done_in(output: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+# --- the code measured: this checkout, and optionally a baseline revision ------------------------------
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Code:
+    """A checkout whose batchjobs a drain process imports: this one, or a worktree of another revision."""
+
+    name: str  # key in the JSON and in contender names: "current" or "baseline"
+    label: str  # for the table: "current code" or "baseline e8ad01f"
+    root: Path
+
+    def env(self) -> dict[str, str]:
+        # The checkout first, then this folder (benchapp): every revision runs the same app, and
+        # neither the caller's PYTHONPATH nor the installed package can stand in for the checkout
+        # (drain_once.py checks where batchjobs came from).
+        return cli_env(PYTHONPATH=os.pathsep.join([str(self.root), str(HERE)]))
+
+
+CURRENT = Code("current", "current code", ROOT)
+
+
+@contextmanager
+def baseline_code(revision: str | None) -> Iterator[Code | None]:
+    """A detached git worktree of ``revision`` in a temporary directory, removed on exit."""
+    if revision is None:
+        yield None
+        return
+    commit = git("rev-parse", "--short", "--verify", "--quiet", f"{revision}^{{commit}}")
+    if not commit:
+        raise SystemExit(f"--baseline {revision}: not a commit of this repository")
+    parent = Path(tempfile.mkdtemp(prefix="batchjobs-bench-baseline-"))
+    tree = parent / "src"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=HERE, check=True, capture_output=True)
+    try:
+        yield Code("baseline", f"baseline {commit}", tree)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=HERE, capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=HERE, capture_output=True)
+
+
+DRAIN_ONCE = HERE / "drain_once.py"
+
+
+def drain_once(code: Code, url: URL, *args: str, wrapper: Sequence[str] = ()) -> dict[str, Any]:
+    """Run drain_once.py on ``code`` in a process of its own (under ``wrapper``, e.g. valgrind); its JSON."""
+    command = [*wrapper, sys.executable, str(DRAIN_ONCE), "--root", str(code.root), "--url", pg.render(url), *args]
+    env = code.env()
+    if wrapper:
+        env["PYTHONHASHSEED"] = "0"  # the same set and dict layouts in every run: countable instructions
+    proc = subprocess.run(command, env=env, cwd=HERE, capture_output=True, text=True, timeout=7200)
+    if proc.returncode:
+        raise RuntimeError(f"drain_once.py on the {code.label} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@contextmanager
+def code_database(server: pg.Server, label: str, code: Code) -> Iterator[URL]:
+    """A fresh database whose tables ``code`` created itself: each revision runs against the
+    batchjobs schema it expects, even where a later revision added a migration."""
+    with server.database(f"{label}_{code.name}", setup=lambda url: drain_once(code, url, "--setup")) as url:
+        yield url
+
+
 # --- 1 and 2: draining a backlog -------------------------------------------------------------------
 
 
@@ -306,15 +385,13 @@ def drain_orm_floor(url: URL) -> float:
         engine.dispose()
 
 
-def drain_library(job: str) -> Callable[[URL], float]:
+def drain_process(code: Code, job: str, listener: bool = False) -> Callable[[URL], float]:
+    """batchjobs.run_pending on ``code`` in a process of its own (drain_once.py), on an engine made
+    beforehand: connecting is timed, interpreter start-up and imports are not. With ``listener``, a
+    no-op global before_cursor_execute listener is installed first, as a tracing tool would."""
+
     def drain(url: URL) -> float:
-        engine = create_engine(url)  # an app has its engine already; only run_pending is timed
-        try:
-            started = time.perf_counter()
-            run_pending(benchapp.jobs, engine, jobs=[job], batch_size=BATCH)
-            return time.perf_counter() - started
-        finally:
-            engine.dispose()
+        return float(drain_once(code, url, "--job", job, *(["--listener"] if listener else []))["seconds"])
 
     return drain
 
@@ -335,38 +412,67 @@ def drained(report: Report, url: URL, rows: int, contender: Callable[[URL], floa
     return rows / seconds
 
 
-def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report) -> None:
+@dataclass(frozen=True)
+class Kind:
+    """What a no-op handler is handed, the benchapp job that hands it, and its target."""
+
+    name: str
+    job: str
+    what: str
+    target: float  # of the keyset SQL loop
+
+
+KINDS = (
+    Kind("plain", "noop_columns", "handler gets plain rows (columns=)", PLAIN_KEYSET_TARGET),
+    Kind("orm", "noop", "handler gets ORM objects (the default)", ORM_KEYSET_TARGET),
+)
+LISTENER = "with a no-op global before_cursor_execute listener"
+
+
+def contender_name(code: Code, kind: Kind, listener: bool) -> str:
+    return f"{code.name}_{kind.name}" + ("_listener" if listener else "")
+
+
+def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report, codes: Sequence[Code] = (CURRENT,)) -> None:
     n = sizes.drain
     section = f"1. Drain {n:,} rows, no-op"
-    contenders = {
-        "sql_limit": drain_sql_client,
-        "sql_keyset": drain_sql_keyset,
-        "sql_server_loop": drain_sql,
-        "ideal_python": drain_ideal,
-        "orm_floor": drain_orm_floor,
-        "library_orm": drain_library("noop"),
-        "library": drain_library("noop_columns"),
-        "cli": drain_cli("noop_columns"),
-    }
-    with server.database("drain") as url:
+    with ExitStack() as databases:
+        urls = {code.name: databases.enter_context(code_database(server, "drain", code)) for code in codes}
+        url = urls[CURRENT.name]
+        # Each contender with the database its backlog is loaded into: a revision's run_pending
+        # drains a database of its own; everything else, the current code's.
+        contenders: dict[str, tuple[Callable[[URL], float], URL]] = {
+            "sql_limit": (drain_sql_client, url),
+            "sql_keyset": (drain_sql_keyset, url),
+            "sql_server_loop": (drain_sql, url),
+            "ideal_python": (drain_ideal, url),
+            "orm_floor": (drain_orm_floor, url),
+        }
+        # The revisions' runs of one variant back to back, so that a burst of noise from other
+        # processes tends to hit both.
+        for kind in KINDS:
+            for listener in (False, True):
+                for code in codes:
+                    contenders[contender_name(code, kind, listener)] = (drain_process(code, kind.job, listener), urls[code.name])
+        contenders["cli"] = (drain_cli("noop_columns"), url)
         # Untimed warm-up of every contender on a small backlog: server catalog caches, plpgsql
-        # compilation, SQLAlchemy's mapper set-up and statement caches, the CLI's bytecode.
-        for contender in contenders.values():
-            drained(report, url, 10 * BATCH, contender)
+        # compilation, SQLAlchemy's mapper set-up and statement caches, every process's bytecode.
+        for contender, where in contenders.values():
+            drained(report, where, 10 * BATCH, contender)
         # Interleaved rounds, best round of each: noise from other processes only ever slows a
         # contender down, so the best round is the closest to what the code itself can do.
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         for round_no in range(sizes.drain_rounds):
-            for name, contender in contenders.items():
-                samples[name].append(drained(report, url, n, contender))
+            for name, (contender, where) in contenders.items():
+                samples[name].append(drained(report, where, n, contender))
                 log(f"  drain round {round_no + 1}, {name}: {rate(samples[name][-1])}")
         best = {name: max(speeds) for name, speeds in samples.items()}
-        limit = best["sql_limit"]
+        limit, keyset = best["sql_limit"], best["sql_keyset"]
         rounds = f"best of {sizes.drain_rounds}"
         report.add(section, f"SQL limit (one claim-and-mark statement per batch from a client, commit; {rounds})", rate(limit), "1.00")
         report.add(
-            section, "the same loop, each batch continuing after the last key of the one before (keyset)",
-            rate(best["sql_keyset"]), ratio(best["sql_keyset"] / limit),
+            section, "keyset SQL loop: the same, each batch continuing after the last key of the one before",
+            rate(keyset), ratio(keyset / limit),
         )
         report.add(
             section, "the same loop run inside the server (plpgsql DO block: no round trips at all)",
@@ -380,21 +486,30 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report) -> None:
             section, "ORM floor (SQLAlchemy: load ORM instances, no-op, UPDATE, commit)", rate(best["orm_floor"]),
             ratio(best["orm_floor"] / limit),
         )
-        orm = best["library_orm"]
+        for kind in KINDS:
+            for listener in (False, True):
+                for code in codes:
+                    speed = best[contender_name(code, kind, listener)]
+                    what = f"batchjobs.run_pending, {kind.what}, {code.label}" + (f", {LISTENER}" if listener else "")
+                    shares = f"{ratio(speed / keyset)} of keyset, {ratio(speed / limit)} of SQL limit"
+                    if kind.name == "orm":
+                        shares += f", {ratio(speed / best['orm_floor'])} of ORM floor"
+                    if code.name == CURRENT.name:  # the targets are the current code's
+                        share = speed / keyset
+                        report.add(section, what, rate(speed), shares, f">= {kind.target:.2f} of keyset", verdict(share >= kind.target))
+                    else:
+                        current = best[contender_name(CURRENT, kind, listener)]
+                        report.add(section, what, rate(speed), f"{shares}; current code {ratio(current / speed)}x")
+        share = best["cli"] / limit
         report.add(
-            section, "batchjobs.run_pending, handler gets ORM objects (the default)", rate(orm), ratio(orm / limit),
-            f"{ratio(orm / best['orm_floor'])} of the ORM floor",
+            section, "batchjobs run-pending CLI process, plain rows (columns=), start-up included", rate(best["cli"]),
+            ratio(share), f">= {DRAIN_RATIO_TARGET:.2f}", verdict(share >= DRAIN_RATIO_TARGET),
         )
-        for name, what in (
-            ("library", "batchjobs.run_pending, handler gets plain rows (columns=)"),
-            ("cli", "batchjobs run-pending CLI process, plain rows (columns=)"),
-        ):
-            share = best[name] / limit
-            report.add(
-                section, what, rate(best[name]), ratio(share), f">= {DRAIN_RATIO_TARGET:.2f}", verdict(share >= DRAIN_RATIO_TARGET)
-            )
-        drain: dict[str, Any] = {"rows": n, "batch_size": BATCH, "rounds": sizes.drain_rounds, "samples": samples, **best}
-        library = best["library"]
+        drain: dict[str, Any] = {
+            "rows": n, "batch_size": BATCH, "rounds": sizes.drain_rounds, "codes": {code.name: code.label for code in codes},
+            "samples": samples, **best,
+        }
+        plain = best[contender_name(CURRENT, KINDS[0], False)]
 
         section = f"2. Drain {n:,} rows, handlers"
         for job, what, writes in (
@@ -402,8 +517,8 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report) -> None:
             ("batch_noop", "batch=True handler, no-op", False),
             ("batch_write", "batch=True handler, one ORM write per row", True),
         ):
-            speed = drained(report, url, n, drain_library(job), writes=writes)
-            report.add(section, what, rate(speed), f"{ratio(speed / limit)} of SQL, {ratio(speed / library)} of no-op")
+            speed = drained(report, url, n, drain_process(CURRENT, job), writes=writes)
+            report.add(section, what, rate(speed), f"{ratio(speed / limit)} of SQL, {ratio(speed / plain)} of no-op")
             drain[job] = speed
     report.data["drain_rows_per_second"] = drain
 
@@ -696,6 +811,65 @@ def insert_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
     }
 
 
+# --- 7: client instructions per row ------------------------------------------------------------------------
+
+# callgrind's output file ends with the run's total of each event; by default the only event is Ir,
+# instructions executed. Older valgrind versions write "summary:", newer ones "totals:" as well.
+CALLGRIND_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+
+def callgrind_instructions(code: Code, url: URL, job: str, out: Path) -> int:
+    """Instructions one drain_once.py process executes, start to exit. Only the client's: the
+    server's backend is another process, which callgrind does not follow."""
+    drain_once(code, url, "--job", job, wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+    match = CALLGRIND_TOTAL.search(out.read_text())
+    if match is None:
+        raise RuntimeError(f"no summary or totals line in {out}")
+    return int(match.group(1))
+
+
+def callgrind_scenario(server: pg.Server, sizes: Sizes, report: Report, codes: Sequence[Code] = (CURRENT,)) -> None:
+    n = sizes.callgrind
+    section = f"7. Client instructions per row, {n:,} rows (callgrind)"
+    counts: dict[str, dict[str, int]] = {}
+    per_row: dict[str, float] = {}
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for code in codes:
+            url = stack.enter_context(code_database(server, "callgrind", code))
+            for kind in KINDS:
+                name = contender_name(code, kind, False)
+                # A drain at full speed first: it writes the bytecode, so that neither counted run compiles.
+                drained(report, url, 10 * BATCH, drain_process(code, kind.job))
+                # The same process with nothing pending: start-up, imports and connecting, to subtract.
+                pg.load_rows(url, 0, done=False)
+                idle = callgrind_instructions(code, url, kind.job, tmp / f"{name}-idle.out")
+                pg.load_rows(url, n, done=False)
+                total = callgrind_instructions(code, url, kind.job, tmp / f"{name}.out")
+                pending, _ = pg.row_counts(url)
+                report.check(pending == 0, f"callgrind drain ({code.label}, {kind.job}) left {pending} pending")
+                counts[name] = {"idle": idle, "drain": total}
+                per_row[name] = (total - idle) / n
+                log(f"  callgrind, {name}: {per_row[name]:,.0f} instructions/row")
+    others = [code for code in codes if code.name != CURRENT.name]
+    for kind in KINDS:
+        for code in codes:
+            name = contender_name(code, kind, False)
+            what = f"batchjobs.run_pending process, {kind.what}, {code.label}"
+            result = f"{per_row[name]:,.0f} instructions/row"
+            if code.name == CURRENT.name and others:
+                share = per_row[name] / per_row[contender_name(others[0], kind, False)]
+                report.add(
+                    section, what, result, f"{share:.3f} of baseline", f"<= baseline (+{CALLGRIND_TOLERANCE - 1:.1%})",
+                    verdict(share <= CALLGRIND_TOLERANCE),
+                )
+            else:
+                report.add(section, what, result)
+    report.data["callgrind"] = {
+        "rows": n, "codes": {code.name: code.label for code in codes}, "instructions": counts, "instructions_per_row": per_row,
+    }
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
 
@@ -708,9 +882,6 @@ def machine(server: pg.Server) -> dict[str, Any]:
         return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
 
     mem_kb = proc_field("/proc/meminfo", "MemTotal")
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
     # The code measured is the working tree: note when it differs from the commit.
     commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../batchjobs") else "")
     return {
@@ -726,6 +897,16 @@ def machine(server: pg.Server) -> dict[str, Any]:
     }
 
 
+def check_import_origin() -> None:
+    """The in-process contenders and the CLI use the installed batchjobs, the drain processes this
+    checkout: say so when they are not the same files (with a non-editable install they are copies)."""
+    import batchjobs
+
+    where = Path(batchjobs.__file__).resolve()
+    if not where.is_relative_to(ROOT):
+        log(f"note: this process imported batchjobs from {where}; run_pending's drain processes import {ROOT / 'batchjobs'}")
+
+
 @contextmanager
 def server_url(database_url: str | None) -> Iterator[str]:
     if database_url:
@@ -735,29 +916,71 @@ def server_url(database_url: str | None) -> Iterator[str]:
             yield url
 
 
+SCENARIOS: dict[str, Callable[..., None]] = {
+    "drain": drain_scenarios,
+    "idle": idle_scenario,
+    "concurrency": concurrency_scenario,
+    "mark": mark_scenario,
+    "inserts": insert_scenario,
+    "callgrind": callgrind_scenario,
+}
+BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
+WITH_BASELINE = ("drain", "callgrind")  # the scenarios that measure a baseline revision beside the current code
+
+
+def scenario_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SCENARIOS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--database-url", metavar="URL", help="PostgreSQL server to use (a role that may CREATE DATABASE). Default: embedded.")
     parser.add_argument("--quick", action="store_true", help="Small sizes, well under a minute: for CI.")
     parser.add_argument("--json", type=Path, metavar="PATH", help="Where to write the results (default: results/latest.json; a temp file with --quick).")
+    parser.add_argument(
+        "--baseline", metavar="REV",
+        help="Also measure run_pending (drain, callgrind) on this git revision, from a temporary worktree, in the same run.",
+    )
+    parser.add_argument("--callgrind", action="store_true", help="Add the callgrind scenario: client instructions per drained row (slow).")
+    parser.add_argument(
+        "--scenarios", type=scenario_names, metavar="NAME,...",
+        help=f"Run only these, in this order ({', '.join(SCENARIOS)}). Default: all but callgrind.",
+    )
     args = parser.parse_args(argv)
+    selected = list(args.scenarios or BY_DEFAULT)
+    if args.callgrind and "callgrind" not in selected:
+        selected.append("callgrind")
+    if "callgrind" in selected and shutil.which("valgrind") is None:
+        parser.error("the callgrind scenario needs valgrind on PATH")
     sizes = QUICK if args.quick else FULL
     report = Report(mode="quick" if args.quick else "full")
     started = time.perf_counter()
-    with server_url(args.database_url) as url:
+    check_import_origin()
+    with baseline_code(args.baseline) as baseline, server_url(args.database_url) as url:
+        codes = [CURRENT, *([baseline] if baseline else [])]
         server = pg.Server(url)
         report.data["machine"] = machine(server)
+        report.data["baseline"] = {"revision": args.baseline, "label": baseline.label} if baseline else None
         log(f"batchjobs benchmarks ({report.mode}) on PostgreSQL {report.data['machine']['postgresql'].split()[0]}")
         # Other processes on the machine skew every number; the load average documents how busy it was.
         load = report.data["load_average_1min"] = {"start": os.getloadavg()[0]}
-        for scenario in (drain_scenarios, idle_scenario, concurrency_scenario, mark_scenario, insert_scenario):
-            scenario(server, sizes, report)
+        for name in selected:
+            scenario = SCENARIOS[name]
+            if name in WITH_BASELINE:
+                scenario(server, sizes, report, codes)
+            else:
+                scenario(server, sizes, report)
             load[f"after_{scenario.__name__}"] = os.getloadavg()[0]
     report.data.update(
-        mode=report.mode, sizes=asdict(sizes), seconds=time.perf_counter() - started,
+        mode=report.mode, sizes=asdict(sizes), scenarios=selected, seconds=time.perf_counter() - started,
         targets={
-            "drain_ratio_min": DRAIN_RATIO_TARGET, "idle_ratio_max": IDLE_RATIO_TARGET, "idle_seconds_max": IDLE_SECONDS_TARGET,
-            "mark_rss_ratio_max": MARK_RSS_RATIO_TARGET,
+            "drain_ratio_min": DRAIN_RATIO_TARGET, "drain_plain_keyset_min": PLAIN_KEYSET_TARGET,
+            "drain_orm_keyset_min": ORM_KEYSET_TARGET, "callgrind_ratio_max": CALLGRIND_TOLERANCE,
+            "idle_ratio_max": IDLE_RATIO_TARGET, "idle_seconds_max": IDLE_SECONDS_TARGET, "mark_rss_ratio_max": MARK_RSS_RATIO_TARGET,
         },
         table=[asdict(line) for line in report.lines], failures=report.failures,
     )
@@ -774,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"batchjobs benchmarks, {report.mode} mode, batch size {BATCH}, {report.data['seconds']:.0f} s")
     print(f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, PostgreSQL {m['postgresql'].split()[0]}, Python {m['python']}")
     print(f"load average (1 min) at start: {load['start']:.2f}")
+    if baseline:
+        print(f"{baseline.label}: --baseline {args.baseline}, measured beside the current code ({CURRENT.root})")
     print()
     print(report.markdown())
     print()

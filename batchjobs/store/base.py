@@ -485,7 +485,8 @@ class ChunkStatements:
             assert session is not None, "ORM objects are loaded into a session"
             return [(row, key) for row, key in session.execute(claim, params).all()]
         make = self.record._make
-        return [(make(values[:-1]), values[-1]) for values in connection.execute(claim, params)]
+        # all() fetches the chunk in one call; iterating the result would fetch row by row.
+        return [(make(values[:-1]), values[-1]) for values in connection.execute(claim, params).all()]
 
     def failure_states(
         self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from batchjobs.examples.welcome.mail import deliver, welcome_message
 from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from batchjobs import JobContext, Registry, flag_column, pending_index
-from batchjobs.examples.welcome.mail import deliver, welcome_message
 
 
 class Base(DeclarativeBase):

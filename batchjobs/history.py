@@ -104,8 +104,8 @@ def record_run(
     queues: Sequence[str],
     clock: Callable[[], datetime],
     keep_for: timedelta = timedelta(days=7),
-) -> Iterator[None]:
-    """Record the run whose counts ``summary`` collects, from start to finish.
+) -> Iterator[RunRecorder]:
+    """Record the run whose counts ``summary`` collects, from start to finish; yields the recorder.
 
     If the block raises, the run is recorded as failed; SIGKILL leaves it unfinished, and its
     stale heartbeat tells the rest.
@@ -115,7 +115,7 @@ def record_run(
     recorder.start_heartbeat()
     outcome = "failed"
     try:
-        yield
+        yield recorder
         outcome = summary.outcome
     finally:
         recorder.close(outcome)

@@ -9,11 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import benchapp
 import psycopg
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL
 
-import benchapp
 from batchjobs.db import create_engine, parse_url
 from batchjobs.migrate import migrate
 

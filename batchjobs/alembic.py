@@ -13,6 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from batchjobs.store import store_class
+from batchjobs.store.base import PENDING_FLAG
 
 
 def add_flag_column(
@@ -33,9 +34,11 @@ def add_flag_column(
 
     On PostgreSQL adding a column with a constant default rewrites nothing (11+), so this is
     instant on any table size, and the index is built with ``CREATE INDEX CONCURRENTLY`` in an
-    autocommit block, so the app keeps writing meanwhile. On SQLite existing rows are updated
-    in place. ``primary_key`` names the key column for the index; it is looked up when not
-    given, which needs a live connection (pass it for alembic's offline ``--sql`` mode).
+    autocommit block, so the app keeps writing meanwhile. On MySQL and MariaDB the column is
+    added in place too, and the index, on (flag, primary key), is built online. On SQLite
+    existing rows are updated in place. ``primary_key`` names the key column for the index; it
+    is looked up when not given, which needs a live connection (pass it for alembic's offline
+    ``--sql`` mode).
     """
     if existing_rows not in ("done", "pending"):
         raise ValueError(f"existing_rows must be 'done' or 'pending', not {existing_rows!r}")
@@ -63,3 +66,35 @@ def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     would otherwise propose dropping them. This hides them (and batchjobs' version table).
     """
     return not (type_ == "table" and name is not None and name.startswith("batchjobs_"))
+
+
+def add_pending_trigger(op: Any, table: str, column: str, *, boolean: bool = True) -> None:
+    """Install the trigger that wakes `batchjobs worker` when a row of ``table`` becomes pending.
+
+    ``column`` is the job's flag; ``boolean`` says whether it is a Boolean flag (False = pending)
+    or a nullable DateTime (NULL = pending). On databases without notifications this does
+    nothing: workers poll them.
+    """
+    for statement in store_class(op.get_context().dialect.name).pending_trigger_sql(table, column, boolean=boolean):
+        op.execute(statement)
+
+
+def drop_pending_trigger(op: Any, table: str, column: str) -> None:
+    """Remove what :func:`add_pending_trigger` installed (for the migration's downgrade)."""
+    for statement in store_class(op.get_context().dialect.name).drop_pending_trigger_sql(table, column):
+        op.execute(statement)
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    """For ``context.configure(include_object=...)`` in the app's alembic ``env.py``.
+
+    MySQL and MariaDB have no partial indexes, so there a pending index is on (flag, primary
+    key) while the models declare it on the key (see :func:`batchjobs.pending_index`). This
+    keeps autogenerate from proposing to rebuild it; on other databases it changes nothing.
+    """
+    if type_ == "index" and not reflected and compare_to is not None:
+        flag = obj.info.get(PENDING_FLAG)
+        built = [column.name for column in compare_to.columns]
+        if flag is not None and built == [flag, *(column.name for column in obj.columns)]:
+            return False
+    return True

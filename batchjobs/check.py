@@ -93,9 +93,14 @@ def run_check(
     max_pending_age: Threshold = NO_LIMIT,
     max_dead: Threshold = NO_LIMIT,
     max_since_last_run: Threshold = NO_LIMIT,
+    min_workers: int | None = None,
+    queue: str | None = None,
     now: datetime | None = None,
 ) -> CheckResult:
-    """Evaluate the thresholds for the chosen jobs (all by default) against the database. Reads only."""
+    """Evaluate the thresholds for the chosen jobs (all by default) against the database. Reads only.
+
+    With ``min_workers``, fewer live workers (of ``queue``, when given) than that is CRITICAL.
+    """
     now = now or utcnow()
     chosen = {job.name for job in registry.select(jobs=jobs)}
     with connection_for(bind) as connection:
@@ -134,13 +139,21 @@ def run_check(
         perfdata.append(f"'{job.name}_dead'={max_dead.perf(job.dead)}")
         perfdata.append(f"'{job.name}_backoff'={NO_LIMIT.perf(job.backoff)}")
 
+    workers = [run for run in current.alive if run.kind == "worker" and run.serves(queue)]
+    if min_workers is not None:
+        perfdata.append(f"workers={len(workers)};;{min_workers};0")
+        if len(workers) < min_workers:
+            code = CRITICAL
+            of_queue = f" of queue {queue}" if queue else ""
+            problems.append(f"CRITICAL: {len(workers)} live worker(s){of_queue}, fewer than {min_workers}")
     if latest is None:
         last = "no run recorded yet"
         if max_since_last_run.crit is not None:
             code = CRITICAL
             problems.append("CRITICAL: no run recorded yet")
     else:
-        since = max((now - latest.started_at).total_seconds(), 0.0)
+        # A live worker is a run that never stops: its jobs were just looked at.
+        since = 0.0 if workers else max((now - latest.started_at).total_seconds(), 0.0)
         last = f"last run {format_duration(since)} ago ({latest.outcome})"
         judge(max_since_last_run, since, f"last run started {format_duration(since)} ago", True)
         perfdata.append(f"since_last_run={max_since_last_run.perf(round(since), 's')}")

@@ -69,9 +69,9 @@ class _State:
         registry_url = self.registry().database_url if self.app else None
         return create_engine(resolve_database_url(self.database_url, registry_url), **kwargs)
 
-    def connect(self) -> Connection:
-        """A connection to a database whose batchjobs tables are up to date."""
-        connection = connect(self.engine())
+    def connect(self, **kwargs: Any) -> Connection:
+        """A connection to a database whose batchjobs tables are up to date (``kwargs`` as for engine)."""
+        connection = connect(self.engine(**kwargs))
         try:
             check_schema(connection)
         except BaseException:
@@ -130,48 +130,66 @@ def main(ctx: click.Context, app: str | None, database_url: str | None) -> None:
     ctx.obj = _State(app=app, database_url=database_url)
 
 
+def _run_options(command: Any) -> Any:
+    """Selection and chunk options shared by run-pending and worker."""
+    options = [
+        click.option("-q", "--queue", "queues", multiple=True, metavar="QUEUE", help="Only jobs of this queue (repeatable)."),
+        click.option("-j", "--job", "jobs", multiple=True, metavar="NAME", help="Only this job (repeatable)."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Rows per chunk, overriding each job's batch_size."),
+        click.option(
+            "--commit-interval",
+            type=DURATION,
+            default="1s",
+            show_default=True,
+            metavar="DURATION",
+            help="Commit a chunk early after this long, releasing the rows it has not reached yet.",
+        ),
+        click.option(
+            "--lock-timeout",
+            type=DURATION,
+            default="5s",
+            show_default=True,
+            metavar="DURATION",
+            help="Skip a job for now when its table stays locked this long (a migration holds it).",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            envvar="BATCHJOBS_LOG_FORMAT",
+            help="json: one JSON object per log event and for the summary (or $BATCHJOBS_LOG_FORMAT).",
+        ),
+        click.option("-v", "--verbose", is_flag=True, help="Log every row handled, with its duration."),
+        click.option(
+            "-c",
+            "--concurrency",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Workers in this invocation, each on its own connection, all claiming with SKIP LOCKED.",
+        ),
+        click.option(
+            "--pool",
+            type=click.Choice(["process", "thread"]),
+            default="process",
+            show_default=True,
+            help="process for CPU-bound handlers; thread for handlers that wait on the network (2x cores or more).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("run-pending")
-@click.option("-q", "--queue", "queues", multiple=True, metavar="QUEUE", help="Only jobs of this queue (repeatable).")
-@click.option("-j", "--job", "jobs", multiple=True, metavar="NAME", help="Only this job (repeatable).")
 @click.option(
     "--max-runtime",
     type=DURATION,
     metavar="DURATION",
     help="Stop starting new rows after this long, e.g. 55s for a run every minute. Default: until drained.",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per chunk, overriding each job's batch_size.")
-@click.option(
-    "--commit-interval",
-    type=DURATION,
-    default="1s",
-    show_default=True,
-    metavar="DURATION",
-    help="Commit a chunk early after this long, releasing the rows it has not reached yet.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    envvar="BATCHJOBS_LOG_FORMAT",
-    help="json: one JSON object per log event and for the summary (or $BATCHJOBS_LOG_FORMAT).",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Log every row handled, with its duration.")
-@click.option(
-    "-c",
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Workers in this invocation, each on its own connection, all claiming with SKIP LOCKED.",
-)
-@click.option(
-    "--pool",
-    type=click.Choice(["process", "thread"]),
-    default="process",
-    show_default=True,
-    help="process for CPU-bound handlers; thread for handlers that wait on the network (2x cores or more).",
-)
+@_run_options
 @click.pass_obj
 def run_pending_command(
     state: _State,
@@ -180,6 +198,7 @@ def run_pending_command(
     max_runtime: float | None,
     batch_size: int | None,
     commit_interval: float,
+    lock_timeout: float,
     log_format: str,
     verbose: bool,
     concurrency: int,
@@ -192,31 +211,158 @@ def run_pending_command(
     SIGTERM or Ctrl-C finishes the current row, commits, and exits.
     """
     from batchjobs.runner import run_pending
+
+    options = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval, lock_timeout=lock_timeout)
+    _drive(state, run_pending, "run", options, queues, jobs, log_format, verbose, concurrency, pool)
+
+
+def _drive(
+    state: _State,
+    target: Any,
+    kind: str,
+    options: dict[str, Any],
+    queues: tuple[str, ...],
+    jobs: tuple[str, ...],
+    log_format: str,
+    verbose: bool,
+    concurrency: int,
+    pool: str,
+) -> None:
+    """Run ``target`` (run_pending or run_worker), or ``concurrency`` of them, and report."""
+    import logging
+
+    from batchjobs.history import error_line, partial_summary, unrecorded_end
     from batchjobs.signals import stop_on_signals
+    from batchjobs.summary import RunSummary
+
+    def report(summary: RunSummary, event: str = "run finished") -> None:
+        if log_format == "json":
+            click.echo(json.dumps({"event": event, **summary.as_json()}))
+        else:
+            click.echo(summary.line())
 
     configure_logging(log_format, verbose)
     registry = state.registry()
-    # Threads share the engine's pool: one connection each, and one for the run history.
-    engine = state.engine(pool_size=concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
-    options: dict[str, Any] = dict(max_runtime=max_runtime, batch_size=batch_size, commit_interval=commit_interval)
-    with stop_on_signals() as stop:
-        if concurrency == 1:
-            summary = run_pending(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
-        else:
-            from batchjobs.workers import run_concurrently
+    # Threads share the engine's pool: one connection each, one for the run history, and a
+    # worker's one to listen on.
+    engine = state.engine(pool_size=2 * concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
+    try:
+        # A worker under systemd takes SIGHUP as a request to stop politely, never as a crash.
+        with stop_on_signals(hangup=kind == "worker") as stop:
+            if concurrency == 1:
+                summary = target(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
+            else:
+                from batchjobs.workers import run_concurrently
 
-            summary = run_concurrently(
-                registry, engine, concurrency=concurrency, pool=pool, jobs=jobs, queues=queues, stop=stop, **options
-            )
+                summary = run_concurrently(
+                    registry, engine, concurrency=concurrency, pool=pool, jobs=jobs, queues=queues, stop=stop,
+                    target=target, kind=kind, **options,
+                )
+    except (BatchJobsError, DBAPIError) as error:
+        # Rows committed before the error are done: say so, as a run that went well would.
+        committed = partial_summary(error)
+        if committed is not None and (committed.done or committed.failed or committed.workers_lost):
+            report(committed, "run failed")
+        unrecorded = unrecorded_end(error)
+        if unrecorded is None:
+            raise
+        # The error that ended the run comes first; _Group would print it only after this line.
+        click.echo(f"Error: {error_line(error)}", err=True)
+        logging.getLogger("batchjobs").error(unrecorded)
+        raise click.exceptions.Exit(1) from None
     if summary.workers_lost:
         click.echo(summary.line())
         raise BatchJobsError(f"{summary.workers_lost} of {concurrency} workers died; their rows are pending again")
     if not (summary.done or summary.failed):
         return
-    if log_format == "json":
-        click.echo(json.dumps({"event": "run finished", **summary.as_json()}))
-    else:
-        click.echo(summary.line())
+    report(summary)
+
+
+@main.command("worker")
+@click.option("--max-runtime", type=DURATION, metavar="DURATION", help="Stop after this long (to recycle the process).")
+@click.option("--max-rows", type=click.IntRange(min=1), help="Stop after handling this many rows (to recycle the process).")
+@click.option(
+    "--poll-interval",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    metavar="DURATION",
+    help="How often to look for rows where nothing notifies: SQLite, MySQL, tables without the trigger.",
+)
+@click.option(
+    "--backstop-interval",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    help="PostgreSQL with triggers: how often to look anyway (rows past their backoff, a missed notification).",
+)
+@_run_options
+@click.pass_obj
+def worker_command(
+    state: _State,
+    max_runtime: float | None,
+    max_rows: int | None,
+    poll_interval: float,
+    backstop_interval: float,
+    queues: tuple[str, ...],
+    jobs: tuple[str, ...],
+    batch_size: int | None,
+    commit_interval: float,
+    lock_timeout: float,
+    log_format: str,
+    verbose: bool,
+    concurrency: int,
+    pool: str,
+) -> None:
+    """Handle rows as they become pending, until stopped.
+
+    Drains what is pending, waits, and drains again when woken. On PostgreSQL a
+    trigger on each job's table wakes it within milliseconds of the app's COMMIT
+    (install it with `batchjobs triggers --apply` or your migrations); elsewhere it
+    polls every --poll-interval. Runs safely beside cron runs and other workers.
+    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits and exits 0.
+    """
+    from batchjobs.worker import run_worker
+
+    options = dict(
+        max_runtime=max_runtime,
+        max_rows=max_rows,
+        poll_every=poll_interval,
+        backstop_every=backstop_interval,
+        batch_size=batch_size,
+        commit_interval=commit_interval,
+        lock_timeout=lock_timeout,
+    )
+    _drive(state, run_worker, "worker", options, queues, jobs, log_format, verbose, concurrency, pool)
+
+
+@main.command("triggers")
+@click.option("--apply", "apply_", is_flag=True, help="Install them now (CREATE OR REPLACE), instead of printing the SQL.")
+@click.option("--drop", is_flag=True, help="Remove them instead (printed, or with --apply, dropped).")
+@click.pass_obj
+def triggers_command(state: _State, apply_: bool, drop: bool) -> None:
+    """The triggers that wake workers when a row becomes pending (PostgreSQL).
+
+    Prints the SQL for every job's table, to put in your migrations (or use
+    batchjobs.alembic.add_pending_trigger there); --apply runs it instead.
+    """
+    from batchjobs.worker import trigger_sql
+
+    registry = state.registry()
+    engine = state.engine()
+    statements = trigger_sql(registry, engine, drop=drop)
+    if not statements:
+        click.echo("this database has no notifications: workers poll it (see `batchjobs worker --help`)")
+        return
+    if not apply_:
+        click.echo(";\n\n".join(statements) + ";")
+        return
+    with connect(engine) as connection, connection.begin():
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+    tables = sorted({job.table.name for job in registry.jobs.values()})
+    click.echo(f"pending triggers {'dropped from' if drop else 'installed on'} {', '.join(tables)}")
 
 
 @main.command("jobs")
@@ -374,7 +520,8 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
         state_line = "tried again on the next run"
     else:
         state_line = f"next attempt at {failure.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC"
-    click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s), {state_line}")
+    crashes = f" ({failure.crashes} ended their worker)" if failure.crashes else ""
+    click.echo(f"job {failure.job}, row {failure.row_key}: {failure.attempts} attempt(s){crashes}, {state_line}")
     stamp = "%Y-%m-%d %H:%M:%S"
     click.echo(f"first failed {failure.first_failed_at:{stamp}} UTC, last {failure.last_failed_at:{stamp}} UTC")
     click.echo("")
@@ -397,8 +544,9 @@ def show_failure_command(state: _State, job: str, key: str) -> None:
 )
 @click.option("--log", metavar="FILE", help="Append output to this file instead of having cron mail it.")
 @click.option("--format", "fmt", type=click.Choice(["cron", "systemd"]), default="cron", show_default=True)
+@click.option("--worker", is_flag=True, help="With --format systemd: an always-running `batchjobs worker` service per queue.")
 @click.pass_obj
-def crontab_command(state: _State, python: str | None, workdir: str | None, log: str | None, fmt: str) -> None:
+def crontab_command(state: _State, python: str | None, workdir: str | None, log: str | None, fmt: str, worker: bool) -> None:
     """Print a schedule that runs run-pending for every queue, every minute.
 
     One crontab line per queue, to paste into `crontab -e`; with --format
@@ -408,7 +556,7 @@ def crontab_command(state: _State, python: str | None, workdir: str | None, log:
     """
     from batchjobs.crontab import render_schedule
 
-    text = render_schedule(state.registry(), state.app or "", python=python, workdir=workdir, log=log, format=fmt)
+    text = render_schedule(state.registry(), state.app or "", python=python, workdir=workdir, log=log, format=fmt, worker=worker)
     click.echo(text, nl=False)
 
 
@@ -647,7 +795,7 @@ def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> Non
     Below the table: the last run (when, where, how it ended) and the runs alive now.
     Oldest pending age needs pending_since= on the job.
     """
-    from batchjobs.monitoring import status
+    from batchjobs.monitoring import RunInfo, status
 
     registry = state.registry()
     with state.connect() as connection:
@@ -675,8 +823,11 @@ def status_command(state: _State, queues: tuple[str, ...], as_json: bool) -> Non
             f"last run: started {_age((now - run.started_at).total_seconds())} ago on {run.host} (pid {run.pid}), "
             f"{run.outcome}, {run.rows_done} done, {run.rows_failed} failed {took}"
         )
-    alive = ", ".join(f"{r.host} pid {r.pid} for {_age((now - r.started_at).total_seconds())}" for r in current.alive)
-    click.echo(f"running now: {alive or 'none'}")
+    def live(run: RunInfo) -> str:
+        what = f"worker{' (' + ','.join(run.queues) + ')' if run.queues else ''}" if run.kind == "worker" else "run"
+        return f"{what} on {run.host} pid {run.pid} for {_age((now - run.started_at).total_seconds())}, {run.rows_done} done"
+
+    click.echo(f"running now: {', '.join(live(run) for run in current.alive) or 'none'}")
 
 
 class _CheckCommand(click.Command):
@@ -700,6 +851,8 @@ class _CheckCommand(click.Command):
 )
 @click.option("--max-dead", metavar="[WARN,]CRIT", help="Dead rows per job, e.g. 0 for none at all.")
 @click.option("--max-since-last-run", metavar="[WARN,]CRIT", help="Time since the last run started, e.g. 2m,5m.")
+@click.option("--min-workers", type=click.IntRange(min=1), metavar="N", help="Fewer live `batchjobs worker`s than N is CRITICAL.")
+@click.option("--queue", metavar="QUEUE", help="With --min-workers: count only workers serving this queue.")
 @click.pass_obj
 def check_command(
     state: _State,
@@ -708,6 +861,8 @@ def check_command(
     max_pending_age: str | None,
     max_dead: str | None,
     max_since_last_run: str | None,
+    min_workers: int | None,
+    queue: str | None,
 ) -> None:
     """Health check for Nagios, Icinga, Consul and friends.
 
@@ -728,8 +883,10 @@ def check_command(
             "max_since_last_run": limit(max_since_last_run, "--max-since-last-run", duration=True),
         }
         registry = state.registry()
-        with state.connect() as connection:
-            result = run_check(registry, connection, jobs=jobs, **thresholds)
+        # Nagios kills a plugin after 10 s, and a killed plugin tells nobody why; an unreachable
+        # database must be reported as UNKNOWN well before that (unless the URL sets its own).
+        with state.connect(connect_timeout=3) as connection:
+            result = run_check(registry, connection, jobs=jobs, min_workers=min_workers, queue=queue, **thresholds)
     except BatchJobsError as exc:
         click.echo(f"BATCHJOBS UNKNOWN - {exc}")
         raise click.exceptions.Exit(UNKNOWN) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 
 from batchjobs.errors import BatchJobsError
@@ -38,6 +39,7 @@ def render_schedule(
     database_url_env: str | None = None,
     format: str = "cron",
     max_runtime: str = "55s",
+    worker: bool = False,
 ) -> str:
     """The text that runs ``run-pending`` once a minute for every queue of ``registry``.
 
@@ -51,11 +53,17 @@ def render_schedule(
     ``BATCHJOBS_DATABASE_URL``). The URL itself is never printed: it may contain a password.
 
     ``format`` is ``"cron"`` (one crontab line per queue) or ``"systemd"`` (a service and a timer
-    per queue, separated by ``# ---- file: NAME ----`` lines). Raises :class:`BatchJobsError` for
-    an unknown format, a registry without jobs, or values that cannot be written safely.
+    per queue, separated by ``# ---- file: NAME ----`` lines). With ``worker`` (systemd only), a
+    service per queue runs `batchjobs worker` instead, restarted whenever it ends. systemd needs
+    an absolute command: without ``python`` it runs ``-m batchjobs`` with this Python.
+
+    Raises :class:`BatchJobsError` for an unknown format, a registry without jobs, or values that
+    cannot be written safely.
     """
     if format not in FORMATS:
         raise BatchJobsError(f"unknown schedule format {format!r} (use one of: {', '.join(FORMATS)})")
+    if worker and format != "systemd":
+        raise BatchJobsError("a worker is a long-running service: use the systemd format for it")
     if not registry.jobs:
         raise BatchJobsError(f"{app} has no jobs registered, so there is nothing to schedule")
     parse_duration(max_runtime)  # a typo fails here, not in every run at 3 a.m.
@@ -70,7 +78,9 @@ def render_schedule(
         python = os.path.abspath(python)
     workdir = os.path.abspath(workdir) if workdir else None
     log = os.path.abspath(log) if log else None
-    schedule = _Schedule(registry, app, python, workdir, log, env_name, max_runtime)
+    if format == "systemd" and python is None:
+        python = sys.executable  # systemd refuses a command that is not an absolute path
+    schedule = _Schedule(registry, app, python, workdir, log, env_name, max_runtime, worker)
     return schedule.cron() if format == "cron" else schedule.systemd()
 
 
@@ -83,11 +93,14 @@ class _Schedule:
     log: str | None
     env_name: str
     max_runtime: str
+    worker: bool = False
 
     def _program(self) -> list[str]:
         return [self.python, "-m", "batchjobs"] if self.python else ["batchjobs"]
 
     def _arguments(self, queue: str) -> list[str]:
+        if self.worker:
+            return ["worker", "--queue", queue]
         return ["run-pending", "--queue", queue, "--max-runtime", self.max_runtime]
 
     def _jobs_table(self) -> list[str]:
@@ -154,12 +167,27 @@ class _Schedule:
         return " ".join(words)
 
     def service(self, queue: str) -> list[str]:
+        what = "worker" if self.worker else "run-pending"
         lines = [
             "[Unit]",
-            f"Description=batchjobs run-pending, queue {_specifiers(queue)} of {_specifiers(self.app)}",
+            f"Description=batchjobs {what}, queue {_specifiers(queue)} of {_specifiers(self.app)}",
+            *(["After=network-online.target", "Wants=network-online.target"] if self.worker else []),
             "",
             "[Service]",
-            "Type=oneshot",
+            *(
+                [
+                    "Type=simple",
+                    "# A worker that ends for any reason is started again; a crash pill is set apart by the",
+                    "# next start (see `batchjobs failures`), so restarts do not repeat it forever.",
+                    "Restart=always",
+                    "RestartSec=2",
+                    "# SIGTERM: finish the current row, commit, exit.",
+                    "KillSignal=SIGTERM",
+                    "TimeoutStopSec=60",
+                ]
+                if self.worker
+                else ["Type=oneshot"]
+            ),
             "# Run as your app's user rather than root:",
             "#User=app",
         ]
@@ -198,9 +226,20 @@ class _Schedule:
                 raise BatchJobsError(
                     f"queue {queue!r} cannot be part of a systemd unit name; rename it or use the cron format"
                 )
-        timers = " ".join(f"batchjobs-{queue}.timer" for queue in queues)
+        if self.worker:
+            what = "a worker for each queue, always running."
+            enable = [f"batchjobs-worker-{queue}.service" for queue in queues]
+            notes = [
+                "# On PostgreSQL install the pending triggers first (`batchjobs triggers --apply`), so a",
+                "# worker wakes within milliseconds; keep the cron schedule too, as the backstop for a",
+                "# worker that is down: runs and workers claim with SKIP LOCKED, never the same row.",
+            ]
+        else:
+            what = "run-pending for each queue, every minute."
+            enable = [f"batchjobs-{queue}.timer" for queue in queues]
+            notes = ["# A timer never starts its service while the previous run is still going.", *self._path_note()]
         lines = [
-            f"# batchjobs systemd units for -A {self.app}: run-pending for each queue, every minute.",
+            f"# batchjobs systemd units for -A {self.app}: {what}",
             "#",
             "# Jobs per queue:",
             *self._jobs_table(),
@@ -209,15 +248,18 @@ class _Schedule:
             "#   awk '/^# ---- file: /{f=\"/etc/systemd/system/\"$4; next} f{print > f}' batchjobs.units",
             "# then install:",
             "#   systemctl daemon-reload",
-            f"#   systemctl enable --now {timers}",
+            f"#   systemctl enable --now {' '.join(enable)}",
             "#",
             f"# Put {self.env_name}=postgresql://user@host/db in {ENV_FILE} (mode 600).",
-            "# A timer never starts its service while the previous run is still going.",
-            *self._path_note(),
+            *notes,
         ]
         for queue in queues:
-            lines += ["", f"# ---- file: batchjobs-{queue}.service ----", *self.service(queue)]
-            lines += ["", f"# ---- file: batchjobs-{queue}.timer ----", *self.timer(queue)]
+            if self.worker:
+                lines += ["", f"# ---- file: batchjobs-worker-{queue}.service ----", *self.service(queue)]
+                lines += ["", "[Install]", "WantedBy=multi-user.target"]
+            else:
+                lines += ["", f"# ---- file: batchjobs-{queue}.service ----", *self.service(queue)]
+                lines += ["", f"# ---- file: batchjobs-{queue}.timer ----", *self.timer(queue)]
         return "\n".join(lines) + "\n"
 
 

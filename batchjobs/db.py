@@ -13,7 +13,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from batchjobs.errors import BatchJobsError, SchemaOutOfDate
-from batchjobs.store import configured, driver_for, store_for
+from batchjobs.store import configured, driver_for, driver_install, store_class, store_for
 from batchjobs.store.tables import SCHEMA_REVISION
 
 
@@ -29,7 +29,8 @@ def resolve_database_url(explicit: str | None = None, registry_url: str | None =
 
 
 def parse_url(url: str | URL) -> URL:
-    """Parse a URL; one that names no driver (``postgresql://``) gets the driver batchjobs ships with."""
+    """Parse a URL of a supported database; one that names no driver (``postgresql://``) gets the
+    driver batchjobs ships with."""
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 - a non-numeric port only fails when read
@@ -39,6 +40,8 @@ def parse_url(url: str | URL) -> URL:
         raise BatchJobsError(
             f"not a valid database URL: {mask_url(str(url))!r} (write an @ in the password as %40)"
         )
+    # Before the driver is imported: a database batchjobs does not support is named as such.
+    store_class(parsed.get_backend_name())
     drivername = driver_for(parsed.drivername)
     if drivername is not None:
         parsed = parsed.set(drivername=drivername)
@@ -66,14 +69,26 @@ def mask_url(url: str | URL) -> str:
     return raw
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """An engine set up the way batchjobs needs it for this kind of database."""
+#: Seconds an engine from :func:`create_engine` waits for a server to answer a new connection.
+#: Without one, psycopg waits 130 s on a server that accepts the connection and never answers,
+#: and every cron run meanwhile piles up behind it.
+DEFAULT_CONNECT_TIMEOUT = 5
+
+def create_engine(url: str | URL, *, connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT, **kwargs: Any) -> Engine:
+    """An engine set up the way batchjobs needs it for this kind of database.
+
+    ``connect_timeout`` (seconds) bounds the wait for a server to answer a new connection, unless
+    the URL (``?connect_timeout=N``), ``connect_args`` or the driver's environment set their own;
+    None leaves it to the driver.
+    """
     parsed = parse_url(url)
     try:
         engine = sqlalchemy.create_engine(parsed, **kwargs)
     except (ArgumentError, ImportError, ValueError) as exc:
-        raise BatchJobsError(f"cannot use database URL {mask_url(parsed)!r}: {exc}") from None
-    configured(engine)
+        install = driver_install(parsed.drivername) if isinstance(exc, ImportError) else None
+        hint = f" (install its driver: {install})" if install else ""
+        raise BatchJobsError(f"cannot use database URL {mask_url(parsed)!r}: {exc}{hint}") from None
+    configured(engine, connect_timeout=connect_timeout)
     return engine
 
 

@@ -55,6 +55,8 @@ class RowFailure:
     row_key: str
     attempts_before: int
     error: BaseException
+    #: The attempt ended the worker's process or its transaction (see batchjobs.crashes).
+    crashed: bool = False
 
     def wait(self, job: FlagJob) -> timedelta:
         """How long the row waits before its next attempt, by the job's backoff."""
@@ -87,6 +89,8 @@ class FailureInfo:
     job: str
     row_key: str
     attempts: int
+    #: Of the attempts, those that ended the worker or its transaction (see batchjobs.crashes).
+    crashes: int
     dead: bool
     first_failed_at: datetime
     last_failed_at: datetime
@@ -99,6 +103,7 @@ class FailureInfo:
             "job": self.job,
             "row_key": self.row_key,
             "attempts": self.attempts,
+            "crashes": self.crashes,
             "dead": self.dead,
             "first_failed_at": self.first_failed_at.isoformat(),
             "last_failed_at": self.last_failed_at.isoformat(),
@@ -131,6 +136,7 @@ def list_failures(
                 job=f.job,
                 row_key=f.row_key,
                 attempts=f.attempts,
+                crashes=f.crashes,
                 dead=f.dead,
                 first_failed_at=f.first_failed_at,
                 last_failed_at=f.last_failed_at,

@@ -43,10 +43,14 @@ def collect(registry: Registry, bind: Engine | Connection, now: datetime | None 
     last_duration = gauge("batchjobs_last_run_duration_seconds", "How long the latest run covering the job took.")
     last_done = gauge("batchjobs_last_run_rows_done", "Rows of the job the latest run handled.")
     last_failed = gauge("batchjobs_last_run_rows_failed", "Rows of the job that failed in the latest run.")
+    workers = gauge("batchjobs_live_workers", "Live `batchjobs worker` processes serving the job's queue.")
     with connection_for(bind) as connection:
-        jobs = status(registry, connection, now=now).jobs
+        current = status(registry, connection, now=now)
+        jobs = current.jobs
         runs = {job.name: last_run(registry, connection, job=job.name, now=now) for job in jobs}
     for job in jobs:
+        serving = [run for run in current.alive if run.kind == "worker" and run.serves(job.queue)]
+        workers.labels(job=job.name, queue=job.queue).set(len(serving))
         labels = {"job": job.name, "queue": job.queue}
         pending.labels(**labels).set(job.pending)
         if job.oldest_pending_age is not None:

@@ -85,6 +85,14 @@ class RunInfo:
     rows_failed: int
     job_stats: dict[str, list[int]]
     outcome: str
+    #: "run" (run-pending) or "worker" (`batchjobs worker`).
+    kind: str = "run"
+    #: The queues it was started for; empty for all.
+    queues: list[str] = field(default_factory=list)
+
+    def serves(self, queue: str | None) -> bool:
+        """Whether it handles ``queue`` (any queue, for None)."""
+        return queue is None or not self.queues or queue in self.queues
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -131,6 +139,8 @@ def _run_info(run: RunRecord, now: datetime) -> RunInfo:
         rows_failed=run.rows_failed,
         job_stats=json.loads(run.job_stats or "{}"),
         outcome=outcome_of(run, now),
+        kind=run.kind,
+        queues=[name for name in run.queues.split(",") if name],
     )
 
 

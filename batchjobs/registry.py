@@ -15,6 +15,7 @@ from sqlalchemy.orm.properties import MappedColumn
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import Backoff
+from batchjobs.store.base import PENDING_FLAG
 
 Handler = Callable[..., Any]
 FailureHook = Callable[["FlagJob", str, BaseException], None]
@@ -80,6 +81,7 @@ def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | No
 
     Finding pending rows then costs O(pending), not O(table). Call it after the model class,
     e.g. ``pending_index(User.welcome_email_sent)``; the index joins the table's metadata.
+    MySQL and MariaDB have no partial indexes: there it is an index on (flag, primary key).
     """
     column = _column(flag)
     table = column.table
@@ -91,6 +93,7 @@ def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | No
         *primary_key,
         postgresql_where=condition,
         sqlite_where=condition,
+        info={PENDING_FLAG: column.name},
     )
 
 
@@ -133,6 +136,7 @@ class FlagJob(_KeyedModel):
     done_at: Column[Any] | None = None
     batch: bool = False
     max_attempts: int = 10
+    max_crashes: int = 3
     backoff: Callable[[int], float] = field(default_factory=Backoff)
     timeout: float | None = None
     pending_since: Column[Any] | None = None
@@ -268,6 +272,7 @@ class Registry:
         done_at: InstrumentedAttribute[Any] | None = None,
         batch: bool = False,
         max_attempts: int = 10,
+        max_crashes: int = 3,
         backoff: Callable[[int], float] | None = None,
         timeout: float | None = None,
         pending_since: InstrumentedAttribute[Any] | None = None,
@@ -278,6 +283,11 @@ class Registry:
         ``flag`` is a Boolean column (False = pending, True = done) or a nullable DateTime column
         (NULL = pending, set to the current time when done). The handler gets one row, or a list of
         rows with ``batch=True``, and optionally a :class:`JobContext` as second argument.
+
+        A row whose handler raises is tried again after ``backoff(attempt)`` seconds, up to
+        ``max_attempts`` attempts, then it is dead. A row whose handler ends the process (kill -9,
+        OOM, a segfault) or during which the server ends the transaction is found by the next
+        run and tried again in a chunk of its own; after ``max_crashes`` such endings it is dead.
 
         ``pending_since`` names a timestamp column telling since when a row waits (usually
         ``created_at``); with it, `status`, `check` and `metrics` report the oldest pending age.
@@ -315,6 +325,8 @@ class Registry:
             raise BatchJobsError(f"batch_size must be at least 1, got {batch_size}")
         if max_attempts < 1:
             raise BatchJobsError(f"max_attempts must be at least 1, got {max_attempts}")
+        if max_crashes < 1:
+            raise BatchJobsError(f"max_crashes must be at least 1, got {max_crashes}")
 
         def register(handler: Handler) -> Handler:
             job_name = name or handler.__name__
@@ -333,6 +345,7 @@ class Registry:
                 done_at=_column(done_at) if done_at is not None else None,
                 batch=batch,
                 max_attempts=max_attempts,
+                max_crashes=max_crashes,
                 backoff=backoff or Backoff(),
                 timeout=timeout,
                 pending_since=_column(pending_since) if pending_since is not None else None,

@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
+from batchjobs.crashes import InflightMarker, account_abandoned, marker_dir
 from batchjobs.db import ensure_schema
+from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry
@@ -30,7 +33,8 @@ from batchjobs.signals import StopRequest
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import utcnow
+from batchjobs.timeutil import format_duration, utcnow
+from batchjobs.watchdog import Watchdog
 
 logger = logging.getLogger("batchjobs")
 
@@ -44,6 +48,7 @@ def run_pending(
     max_runtime: float | None = None,
     batch_size: int | None = None,
     commit_interval: float = 1.0,
+    lock_timeout: float = 5.0,
     stop: StopRequest | None = None,
     clock: Callable[[], datetime] = utcnow,
     record: bool = True,
@@ -53,43 +58,73 @@ def run_pending(
 
     Each chunk commits on its own; nothing is left for the caller to commit. Jobs take turns one
     chunk at a time, so one big backlog does not starve the others. A row that fails is not
-    tried again in the same run; ``clock`` is the wall clock for backoff times. With ``record``
-    the run is kept in batchjobs' run history (see :mod:`batchjobs.history`). With
+    tried again in the same run; ``clock`` is the wall clock for backoff times. A claim that
+    cannot get its table within ``lock_timeout`` seconds (a migration holds it) skips that job in
+    this run. What the handlers are about to handle is marked, and rows whose handlers took a
+    worker down before are counted and run apart (see :mod:`batchjobs.crashes`). With
+    ``record`` the run is kept in batchjobs' run history (see :mod:`batchjobs.history`). With
     ``raise_errors`` the first handler exception is raised once its chunk has committed (the
     failure is recorded as usual); tests use it to fail loudly.
     """
     selected = registry.select(jobs=jobs, queues=queues)
+    if lock_timeout <= 0:
+        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
     store = store_for(engine)
     ensure_schema(store.engine)
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
-    history = record_run(store, summary, queues, clock, keep_for=registry.keep_history) if record else nullcontext()
+    history = record_run(store, summary, queues, clock, keep_for=registry.keep_history, record=record)
+    deadline = started + max_runtime if max_runtime is not None else None
+    with history, running(registry, store, commit_interval, lock_timeout, stop, deadline, clock, raise_errors) as run:
+        drained = run.drain(selected, summary, batch_size)
+        summary.seconds = time.monotonic() - started
+        summary.stopped_by = stop.reason or (None if drained else "max-runtime")
+    return summary
+
+
+@contextmanager
+def running(
+    registry: Registry,
+    store: Store,
+    commit_interval: float,
+    lock_timeout: float,
+    stop: StopRequest,
+    deadline: float | None,
+    clock: Callable[[], datetime],
+    raise_errors: bool = False,
+) -> Iterator[_Run]:
+    """A run's connection and state, for one drain (run-pending) or many (a worker).
+
+    First counts the crashes that workers which went away left behind (see batchjobs.crashes).
+    """
+    account_abandoned(store, registry, clock())
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
-    with history, store.claiming().connect() as connection:
+    with store.claiming().connect() as connection:
         run = _Run(
             registry=registry,
             store=store,
             connection=connection,
             run_started=clock(),
             commit_interval=commit_interval,
+            lock_timeout=lock_timeout,
             stop=stop,
-            deadline=started + max_runtime if max_runtime is not None else None,
+            deadline=deadline,
             clock=clock,
             raise_errors=raise_errors,
+            marker=InflightMarker(marker_dir(store)),
         )
-        active = list(selected)
-        while active and not run.should_stop():
-            for job in list(active):
-                if run.should_stop():
-                    break
-                claimed = run.chunk(job, batch_size or job.batch_size, summary.jobs[job.name])
-                if not claimed:
-                    active.remove(job)
-        summary.seconds = time.monotonic() - started
-        summary.stopped_by = stop.reason or ("max-runtime" if active else None)
-    return summary
+        ended_well = False
+        try:
+            yield run
+            ended_well = True
+        finally:
+            run.close(ended_well)
+
+
+#: What chunk() returns for a job it had to skip for the rest of the run.
+_SKIPPED = -1
 
 
 @dataclass
@@ -101,26 +136,93 @@ class _Run:
     connection: Connection
     run_started: datetime
     commit_interval: float
+    lock_timeout: float
     stop: StopRequest
     deadline: float | None
     clock: Callable[[], datetime]
+    #: Where this worker marks what its handlers are about to handle.
+    marker: InflightMarker
     raise_errors: bool = False
     statements: dict[tuple[str, int], ChunkStatements] = field(default_factory=dict)
     #: Per job, the primary key the next claim continues after.
     after: dict[str, Any] = field(default_factory=dict)
     executed: StatementCounter = field(init=False)
+    watchdog: Watchdog = field(init=False)
+    #: Server limits that would end a chunk whose handlers take long; lifted in each chunk.
+    limits: list[str] = field(init=False)
+    #: Jobs with crash suspects to run apart once their walk is done.
+    with_suspects: set[str] = field(init=False)
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
         self.executed = StatementCounter(self.connection)
+        self.watchdog = Watchdog(self.store, self.connection.connection.dbapi_connection, self.executed)
+        with self.connection.begin():
+            self.limits = self.store.transaction_limits(self.connection)
+            self.with_suspects = self.store.suspect_jobs(self.connection)
+
+    def close(self, ended_well: bool) -> None:
+        """Stop watching; a worker that ended well clears its marker, any other leaves it for accounting."""
+        self.watchdog.stop()
+        self.marker.close(ended_well=ended_well)
+
+    def claim_wait(self) -> float:
+        """How long a claim may wait for its table: the lock timeout, or what is left of the run."""
+        if self.deadline is None:
+            return self.lock_timeout
+        return max(min(self.lock_timeout, self.deadline - time.monotonic()), 0.0)
+
+    def drain(
+        self,
+        jobs: Sequence[FlagJob],
+        summary: RunSummary,
+        batch_size: int | None = None,
+        woken: Callable[[], set[str]] | None = None,
+        tables: set[str] | None = None,
+    ) -> bool:
+        """Handle chunks of these jobs until none has a row to claim; False if stopped before.
+
+        Jobs take turns one chunk at a time. Each walks its pending rows, then takes its crash
+        suspects one by one. With ``tables``, only the jobs of those tables take turns at
+        first. ``woken`` (a worker's) names tables that have new pending rows since it was last
+        asked: their jobs join the turns again, so that a job's long backlog never keeps
+        another's new row waiting longer than a chunk.
+        """
+        by_table: dict[str, list[FlagJob]] = {}
+        for job in jobs:
+            by_table.setdefault(job.table.name, []).append(job)
+        phase = {job.name: "walk" for job in jobs}
+        active = [job for job in jobs if tables is None or job.table.name in tables]
+        while active and not self.should_stop():
+            for job in list(active):
+                if self.should_stop():
+                    break
+                suspects = phase[job.name] == "suspects"
+                limit = 1 if suspects else batch_size or job.batch_size
+                claimed = self.chunk(job, limit, summary.jobs[job.name], suspects)
+                if claimed == _SKIPPED:
+                    active.remove(job)
+                elif not claimed and (suspects or job.name not in self.with_suspects):
+                    active.remove(job)
+                elif not claimed:
+                    phase[job.name] = "suspects"
+            for table in woken() if woken is not None else ():
+                for job in by_table.get(table, ()):
+                    if job not in active:
+                        active.append(job)
+                        phase[job.name] = "walk"
+        return not active
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:
             return True
         return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
-    def chunk(self, job: FlagJob, limit: int, stats: JobStats) -> int:
-        """Claim, handle and commit one chunk; returns how many rows were claimed."""
+    def chunk(self, job: FlagJob, limit: int, stats: JobStats, suspects: bool = False) -> int:
+        """Claim, handle and commit one chunk; returns how many rows were claimed, or _SKIPPED.
+
+        With ``suspects``, the chunk is one crash suspect (see :mod:`batchjobs.crashes`).
+        """
         statements = self.statements.get((job.name, limit))
         if statements is None:
             statements = self.statements[job.name, limit] = self.store.chunk_statements(job, limit)
@@ -128,23 +230,42 @@ class _Run:
         # rows are tuples, not objects of a session): they get no session at all.
         bare = statements.record is not None and not job.wants_context
         with self._transaction(bare) as (session, connection):
+            if self.limits:
+                # A handler may take longer than the server lets a transaction idle: the chunk
+                # ends within commit_interval plus one handler call, bounded by timeout=.
+                self.store.lift_transaction_limits(connection, self.limits)
             now = self.clock()
-            after = self.after.get(job.name)
-            claimed = statements.claim_rows(connection, session, now, self.run_started, after)
-            if not claimed and after is not None:
-                # The walk reached the end. One claim from the start picks up rows it passed by:
-                # locked by another run then, requeued since, or inserted with a lower key.
-                del self.after[job.name]
-                claimed = statements.claim_rows(connection, session, now, self.run_started)
+            after = None if suspects else self.after.get(job.name)
+            wait = self.claim_wait()
+            try:
+                with self.watchdog.limit(wait):
+                    claimed = statements.claim_rows(connection, session, now, self.run_started, after, suspect=suspects)
+                    if not claimed and after is not None:
+                        # The walk reached the end. One claim from the start picks up rows it passed
+                        # by: locked by another run then, requeued since, or inserted with a lower key.
+                        del self.after[job.name]
+                        claimed = statements.claim_rows(connection, session, now, self.run_started)
+            except DBAPIError:
+                if not self.watchdog.fired:
+                    raise
+                logger.warning(
+                    "job %s: its table stayed locked for %s (a migration?); skipped in this run",
+                    job.name,
+                    format_duration(wait),
+                    extra={"job": job.name, "outcome": "skipped"},
+                )
+                return _SKIPPED
             if not claimed:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
             pks = {row_key: getattr(row, statements.pk_attr) for row, row_key in claimed}
-            states = statements.failure_states(connection, list(pks), now, self.run_started)
+            states = statements.failure_states(connection, list(pks), now, self.run_started, suspect=suspects)
             attempts = {row_key: count for row_key, (count, _) in states.items()}
             held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
             work = [(row_key, row) for row, row_key in claimed if row_key not in held_back]
+            if work:
+                self.marker.set(job.name, [key for key, _ in work], now)
             last_reached = claimed[-1][1]
             ctx = None if session is None else JobContext(session=session, job=job, logger=logger.getChild(job.name))
             handler = HandlerCalls(self.store, job, session, connection, self.executed)
@@ -183,7 +304,9 @@ class _Run:
         # rather than from its start, past the entries of every row done since the last vacuum.
         # A short chunk reached the end of the pending rows: the next claim starts over, so rows
         # that became claimable behind the walk (backoff over, requeued) wait no longer.
-        if len(claimed) < limit:
+        if suspects:
+            pass  # suspects are claimed one at a time, outside the walk
+        elif len(claimed) < limit:
             self.after.pop(job.name, None)
         else:
             self.after[job.name] = advance(self.after.get(job.name), pks[last_reached])

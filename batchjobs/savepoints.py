@@ -40,14 +40,22 @@ class ChunkSession(Session):
 
 
 class StatementCounter:
-    """Counts statements on one connection, to tell whether a handler used the database."""
+    """Watches the statements on one connection: how many were sent (to tell whether a handler
+    used the database), and whether one is waiting for the server right now (to cancel it)."""
 
     def __init__(self, connection: Connection) -> None:
         self.count = 0
-        event.listen(connection, "before_cursor_execute", self._executed)
+        #: Set while a statement is with the driver; an error leaves it set until the next one.
+        self.in_flight = False
+        event.listen(connection, "before_cursor_execute", self._sent)
+        event.listen(connection, "after_cursor_execute", self._answered)
 
-    def _executed(self, *_args: Any) -> None:
+    def _sent(self, *_args: Any) -> None:
         self.count += 1
+        self.in_flight = True
+
+    def _answered(self, *_args: Any) -> None:
+        self.in_flight = False
 
 
 class HandlerCalls:
@@ -78,8 +86,9 @@ class HandlerCalls:
         job, session = self.job, self.session
         if session is not None and self.savepoint is None:
             self.savepoint = session.begin_nested()
-        limit = TimeLimit(job.timeout, self.store, self.dbapi_connection) if job.timeout else None
+        limit = TimeLimit(job.timeout, self.store, self.dbapi_connection, self.statements) if job.timeout else None
         executed = self.statements.count
+        self.statements.in_flight = False  # between handlers, nothing is with the driver
         try:
             if session is not None:
                 session.in_handler = True

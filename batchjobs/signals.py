@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +23,20 @@ class StopRequest:
 
 
 @contextmanager
-def stop_on_signals(stop: StopRequest | None = None) -> Iterator[StopRequest]:
-    """While active, SIGTERM and SIGINT set ``stop`` (a new one when not given) with the signal's name."""
+def stop_on_signals(stop: StopRequest | None = None, *, hangup: bool = False) -> Iterator[StopRequest]:
+    """While active, SIGTERM and SIGINT (and with ``hangup``, SIGHUP) set ``stop`` (a new one
+    when not given) with the signal's name."""
     stop = stop if stop is not None else StopRequest()
 
     def handle(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and not stop:
+            # Said at once: the current row may take a while. os.write, because print() is not
+            # safe in a signal handler that may have interrupted it.
+            os.write(2, b"batchjobs: stopping after the current row\n")
         stop.set(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, *((signal.SIGHUP,) if hangup else ()))
+    previous = {sig: signal.signal(sig, handle) for sig in signals}
     try:
         yield stop
     finally:

@@ -6,9 +6,12 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchjobs.store import Store
+
+if TYPE_CHECKING:
+    from batchjobs.savepoints import StatementCounter
 from batchjobs.timeutil import format_duration
 
 logger = logging.getLogger("batchjobs")
@@ -38,10 +41,11 @@ class TimeLimit:
 
     _warned = False
 
-    def __init__(self, seconds: float, store: Store, dbapi_connection: Any) -> None:
+    def __init__(self, seconds: float, store: Store, dbapi_connection: Any, statements: StatementCounter) -> None:
         self.seconds = seconds
         self.store = store
         self.dbapi_connection = dbapi_connection
+        self.statements = statements
         self.expired = False
         self._previous: Any = None
 
@@ -50,7 +54,7 @@ class TimeLimit:
 
     def _expire(self, _signum: int, _frame: FrameType | None) -> None:
         self.expired = True
-        if not self.store.cancel_running_statement(self.dbapi_connection):
+        if not self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight):
             raise self.error()
 
     def __enter__(self) -> None:

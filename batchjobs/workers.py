@@ -6,20 +6,28 @@ handlers; threads suit handlers that wait on the network (email, remote APIs), w
 workers per core pay off.
 
 A worker that dies (kill -9, OOM) loses nothing: its chunk's transaction rolls back, its rows
-are pending again, and the other workers carry on.
+are pending again, and the other workers carry on. A worker that stops on an error (its
+connection lost, say) is not a death: it hands back what it committed and its error, the other
+workers are stopped as with a signal, and the invocation fails with that error, in one line,
+whichever the pool.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
+import queue
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from batchjobs.errors import BatchJobsError
-from batchjobs.history import RunRecorder, record_run
+from batchjobs.history import RunRecorder, error_line, partial_summary, record_run
 from batchjobs.registry import Registry
 from batchjobs.runner import run_pending
 from batchjobs.signals import StopRequest, stop_on_signals
@@ -28,6 +36,14 @@ from batchjobs.summary import JobStats, RunSummary
 from batchjobs.timeutil import utcnow
 
 POOLS = ("process", "thread")
+#: The reason a worker's error gives the others to stop.
+WORKER_ERROR = "worker error"
+
+logger = logging.getLogger("batchjobs")
+
+
+class WorkerFailed(BatchJobsError):
+    """A worker process stopped on an error; the message is that error's line."""
 
 
 def run_concurrently(
@@ -39,13 +55,21 @@ def run_concurrently(
     stop: StopRequest | None = None,
     jobs: Sequence[str] = (),
     queues: Sequence[str] = (),
+    target: Callable[..., RunSummary] = run_pending,
+    kind: str = "run",
     **options: Any,
 ) -> RunSummary:
     """Run ``concurrency`` workers over the same selection and add up what they did.
 
-    ``options`` are passed to :func:`batchjobs.run_pending` (``max_runtime``, ``batch_size``,
-    ``commit_interval``). ``stop`` reaches every worker: with processes, a signal received here
-    is passed on to the children. The invocation is recorded as one run in the run history.
+    Each worker calls ``target`` (:func:`batchjobs.run_pending`, or
+    :func:`batchjobs.worker.run_worker` for long-running workers) with ``options``
+    (``max_runtime``, ``batch_size``, ``commit_interval``, ...). ``stop`` reaches every worker:
+    with processes, a signal received here is passed on to the children. The invocation is
+    recorded as one run (of ``kind``) in the run history.
+
+    If a worker stops on an error, the others are stopped, and its error is raised once they
+    are done (with processes, as :class:`WorkerFailed` with the error's line), carrying what
+    every worker committed (:func:`batchjobs.history.partial_summary`).
 
     Every worker works through ``engine`` as it is (its creator, connect arguments, pool settings
     and listeners): threads share its pool, which must hold ``concurrency`` + 1 connections
@@ -62,27 +86,38 @@ def run_concurrently(
     total = RunSummary(jobs={job.name: JobStats() for job in selected})
     work = dict(jobs=jobs, queues=queues, record=False, **options)
     if pool == "thread":
-        _run_threads(registry, engine, concurrency, stop, work, total)
+        _run_threads(registry, engine, concurrency, stop, work, total, target, kind)
     else:
-        _run_processes(registry, engine, concurrency, stop, work, total)
+        _run_processes(registry, engine, concurrency, stop, work, total, target, kind)
     return total
 
 
 def _run_threads(
-    registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
+    registry: Registry,
+    engine: Engine,
+    count: int,
+    stop: StopRequest,
+    work: dict[str, Any],
+    total: RunSummary,
+    target: Callable[..., RunSummary],
+    kind: str,
 ) -> None:
     parts: list[RunSummary] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            parts.append(run_pending(registry, engine, stop=stop, **work))
+            parts.append(target(registry, engine, stop=stop, **work))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            # What the worker committed before its error counts like any other worker's rows.
+            part = partial_summary(exc)
+            if part is not None:
+                parts.append(part)
             errors.append(exc)
-            stop.set("worker error")
+            stop.set(WORKER_ERROR)
 
     threads = [threading.Thread(target=worker, name=f"batchjobs-worker-{i}") for i in range(count)]
-    with record_run(store_for(engine), total, work["queues"], utcnow, keep_for=registry.keep_history):
+    with record_run(store_for(engine), total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -91,54 +126,107 @@ def _run_threads(
                 thread.join(0.2)
         for part in parts:
             total.add(part)
-    if errors:
-        raise errors[0]
+        if errors:
+            raise errors[0]
 
 
-def _child(registry: Registry, engine: Engine, work: dict[str, Any], results: Any) -> None:
+def _child(
+    registry: Registry, engine: Engine, work: dict[str, Any], results: Any, target: Callable[..., RunSummary]
+) -> None:
     # The parent's pooled connections must not be shared: drop them without closing them
     # (closing would end the parent's sessions), as SQLAlchemy advises for forked processes.
     engine.dispose(close=False)
-    with stop_on_signals() as stop:
-        results.put(run_pending(registry, engine, stop=stop, **work).as_json())
+    report: dict[str, Any] = {"pid": os.getpid(), "error": None}
+    try:
+        with stop_on_signals() as stop:
+            summary = target(registry, engine, stop=stop, **work)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it
+        # Left alone, multiprocessing would print the error's whole traceback here; the parent
+        # reports it in one line instead, like a thread worker's. Only an unexpected error (a
+        # bug, not a database or configuration problem) keeps its traceback.
+        if not isinstance(exc, (BatchJobsError, DBAPIError)):
+            logger.error("worker %d stopped on an unexpected error", os.getpid(), exc_info=exc)
+        summary = partial_summary(exc) or RunSummary()
+        report["error"] = error_line(exc, engine.url)
+    report["summary"] = summary.as_json()
+    results.put(report)
+    if report["error"] is not None:
+        sys.exit(1)  # multiprocessing takes SystemExit as the exit status, without a traceback
 
 
 def _run_processes(
-    registry: Registry, engine: Engine, count: int, stop: StopRequest, work: dict[str, Any], total: RunSummary
+    registry: Registry,
+    engine: Engine,
+    count: int,
+    stop: StopRequest,
+    work: dict[str, Any],
+    total: RunSummary,
+    target: Callable[..., RunSummary],
+    kind: str,
 ) -> None:
     # The run is recorded before forking: on SQLite the parent's INSERT would otherwise queue for
     # the write lock behind its busy children, and a parent stuck there cannot react to SIGTERM.
     store = store_for(engine)
-    recorder = RunRecorder(store, total, work["queues"], utcnow, keep_for=registry.keep_history)
+    recorder = RunRecorder(store, total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind)
     recorder.open()
-    # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.
-    # The heartbeat thread starts only after the fork, so no child inherits a thread's locks.
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    store.engine.dispose(close=False)
-    children = [
-        context.Process(target=_child, args=(registry, store.engine, work, results), name=f"batchjobs-worker-{i}")
-        for i in range(count)
-    ]
-    for child in children:
-        child.start()
-    recorder.start_heartbeat()
-    outcome = "failed"
-    try:
-        forwarded = False
-        while any(child.is_alive() for child in children):
-            if stop and not forwarded:
-                for child in children:
-                    if child.is_alive():
-                        child.terminate()  # SIGTERM: finish the current row, commit, exit
-                forwarded = True
-            for child in children:
-                child.join(0.1)
-        # A child that exited cleanly has put its counts on the queue before it ended.
+    with recorder.running():
+        # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.
+        # The heartbeat thread starts only after the fork, so no child inherits a thread's locks.
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        store.engine.dispose(close=False)
+        children = [
+            context.Process(
+                target=_child, args=(registry, store.engine, work, results, target), name=f"batchjobs-worker-{i}"
+            )
+            for i in range(count)
+        ]
         for child in children:
-            if child.exitcode == 0:
-                total.add(RunSummary.from_json(results.get(timeout=30)))
-        total.workers_lost = sum(1 for child in children if child.exitcode != 0)
-        outcome = total.outcome
-    finally:
-        recorder.close(outcome)
+            child.start()
+        recorder.start_heartbeat()
+        reports = _collect(children, results, stop)
+        # The parent's own reason first: with SIGTERM forwarded, every child reports SIGTERM.
+        total.stopped_by = stop.reason
+        errors = []
+        for child in children:
+            report = reports.get(child.pid)
+            if report is None:
+                # Gone without a word: killed (kill -9, OOM) before it could report.
+                total.workers_lost += 1
+                continue
+            total.add(RunSummary.from_json(report["summary"]))
+            if report["error"] is not None:
+                errors.append(report["error"])
+        if errors:
+            raise WorkerFailed(errors[0])
+
+
+def _collect(children: list[Any], results: Any, stop: StopRequest) -> dict[int | None, dict[str, Any]]:
+    """Every child's report, by pid, once all have ended; a worker's error stops the others."""
+    reports: dict[int | None, dict[str, Any]] = {}
+    forwarded = False
+    while any(child.is_alive() for child in children):
+        if stop and not forwarded:
+            for child in children:
+                if child.is_alive():
+                    child.terminate()  # SIGTERM: finish the current row, commit, exit
+            forwarded = True
+        # Reading while the children run, not after: a child cannot exit before the pipe has
+        # taken its report, and a large report (many jobs) would not fit in it.
+        try:
+            report = results.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        reports[report["pid"]] = report
+        if report["error"] is not None and not stop:
+            stop.set(WORKER_ERROR)
+    for child in children:
+        child.join()
+    # A child that ended had handed its report to the pipe before it exited.
+    while True:
+        try:
+            report = results.get_nowait()
+        except queue.Empty:
+            break
+        reports[report["pid"]] = report
+    return reports

@@ -2,9 +2,11 @@
 
     python benchmarks/run.py [--database-url URL] [--quick] [--json PATH]
                              [--baseline REV] [--callgrind] [--scenarios NAME,...]
+    python benchmarks/run.py --database mysql --database-url mysql://root@127.0.0.1:3306/ [--quick]
 
-Without --database-url a throwaway embedded PostgreSQL is started. Results are printed as a
-markdown table and written as JSON; README.md in this folder explains every number.
+Without --database-url a throwaway embedded PostgreSQL is started. With --database mysql, the
+drain, idle and concurrency scenarios run on that MySQL or MariaDB server instead. Results are
+printed as a markdown table and written as JSON; README.md in this folder explains every number.
 """
 
 from __future__ import annotations
@@ -405,11 +407,20 @@ def drain_cli(job: str) -> Callable[[URL], float]:
     return drain
 
 
+def rows_of(url: URL) -> Any:
+    """pg or mysqlbench: the module that loads and counts bench_rows on this URL's database."""
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        import mysqlbench
+
+        return mysqlbench
+    return pg
+
+
 def drained(report: Report, url: URL, rows: int, contender: Callable[[URL], float], writes: bool = False) -> float:
     """Rows per second for one contender on a fresh backlog, after checking every row got done."""
-    pg.load_rows(url, rows, done=False)
+    rows_of(url).load_rows(url, rows, done=False)
     seconds = contender(url)
-    pending, notes = pg.row_counts(url)
+    pending, notes = rows_of(url).row_counts(url)
     report.check(pending == 0 and (notes == rows if writes else True), f"drain left {pending} pending, {notes} notes")
     return rows / seconds
 
@@ -525,6 +536,44 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report, codes: Sequ
     report.data["drain_rows_per_second"] = drain
 
 
+def mysql_drain_scenario(server: Any, sizes: Sizes, report: Report, codes: Sequence[Code] = (CURRENT,)) -> None:
+    """MySQL/MariaDB: run_pending and the CLI process beside the database's own keyset SQL loop
+    (the current code only: ``codes`` is for the signature the drain scenario shares)."""
+    import mysqlbench
+
+    n = sizes.drain
+    section = f"1. Drain {n:,} rows, no-op"
+    with server.database("drain") as url:
+        contenders: dict[str, Callable[[URL], float]] = {
+            "sql_keyset": mysqlbench.drain_sql_keyset,
+            "plain": drain_process(CURRENT, KINDS[0].job),
+            "orm": drain_process(CURRENT, KINDS[1].job),
+            "cli": drain_cli("noop_columns"),
+        }
+        for contender in contenders.values():  # untimed warm-up, as on PostgreSQL
+            drained(report, url, 10 * BATCH, contender)
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_no in range(sizes.drain_rounds):
+            for name, contender in contenders.items():
+                samples[name].append(drained(report, url, n, contender))
+                log(f"  drain round {round_no + 1}, {name}: {rate(samples[name][-1])}")
+    best = {name: max(speeds) for name, speeds in samples.items()}
+    limit = best["sql_keyset"]
+    report.add(
+        section, f"SQL limit (one claim-and-mark statement per batch from a client, keyset, commit; best of {sizes.drain_rounds})",
+        rate(limit), "1.00",
+    )
+    for kind in KINDS:
+        speed = best[kind.name]
+        report.add(section, f"batchjobs.run_pending, {kind.what}", rate(speed), f"{ratio(speed / limit)} of SQL limit")
+    share = best["cli"] / limit
+    report.add(
+        section, "batchjobs run-pending CLI process, plain rows (columns=), start-up included", rate(best["cli"]),
+        ratio(share), f">= {DRAIN_RATIO_TARGET:.2f}", verdict(share >= DRAIN_RATIO_TARGET),
+    )
+    report.data["drain_rows_per_second"] = {"rows": n, "batch_size": BATCH, "rounds": sizes.drain_rounds, "samples": samples, **best}
+
+
 # --- 3: the idle tick ----------------------------------------------------------------------------------
 
 
@@ -584,7 +633,7 @@ def idle_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
     with server.database("idle_small") as small, server.database("idle_large") as large:
         urls = {sizes.idle_small: small, sizes.idle_large: large}
         for count, url in urls.items():
-            pg.load_rows(url, count, done=True)
+            rows_of(url).load_rows(url, count, done=True)
         for url in urls.values():
             run_cli(url, "noop")  # warm-up: bytecode, page cache, the server's catalog caches
         run_floor(small)
@@ -641,7 +690,7 @@ def idle_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
 
 def concurrent_drain(url: URL, rows: int, processes: int, record: Path) -> dict[str, Any]:
     """Start ``processes`` runners on one fresh backlog together; time until the last one exits."""
-    pg.load_rows(url, rows, done=False)
+    rows_of(url).load_rows(url, rows, done=False)
     record.unlink(missing_ok=True)
     env = cli_env(**{benchapp.RECORD_FILE_ENV: str(record)})
     started = time.perf_counter()
@@ -655,7 +704,7 @@ def concurrent_drain(url: URL, rows: int, processes: int, record: Path) -> dict[
         if proc.returncode:
             raise RuntimeError(f"batchjobs run-pending exited {proc.returncode}:\n{err}")
     handled = [int(line) for line in record.read_text().split()]
-    pending, _ = pg.row_counts(url)
+    pending, _ = rows_of(url).row_counts(url)
     return {
         "rows_per_second": rows / seconds,
         "seconds": seconds,
@@ -875,7 +924,7 @@ def callgrind_scenario(server: pg.Server, sizes: Sizes, report: Report, codes: S
 # --- the run ---------------------------------------------------------------------------------------------
 
 
-def machine(server: pg.Server) -> dict[str, Any]:
+def machine(server: Any, database: str = "postgresql") -> dict[str, Any]:
     def proc_field(path: str, key: str) -> str | None:
         try:
             lines = Path(path).read_text().splitlines()
@@ -891,7 +940,7 @@ def machine(server: pg.Server) -> dict[str, Any]:
         "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor(),
         "ram_gib": round(int(mem_kb.split()[0]) / 1024**2, 1) if mem_kb else None,
         "os": platform.platform(),
-        "postgresql": server.version(),
+        database: server.version(),
         "python": platform.python_version(),
         "sqlalchemy": sqlalchemy.__version__,
         "psycopg": psycopg.__version__,
@@ -927,6 +976,12 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "callgrind": callgrind_scenario,
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
+#: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency.
+MYSQL_SCENARIOS: dict[str, Callable[..., None]] = {
+    "drain": mysql_drain_scenario,
+    "idle": idle_scenario,
+    "concurrency": concurrency_scenario,
+}
 WITH_BASELINE = ("drain", "callgrind")  # the scenarios that measure a baseline revision beside the current code
 
 
@@ -940,7 +995,11 @@ def scenario_names(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--database-url", metavar="URL", help="PostgreSQL server to use (a role that may CREATE DATABASE). Default: embedded.")
+    parser.add_argument("--database", choices=["postgresql", "mysql"], default="postgresql", help="Which database to measure. Default: postgresql.")
+    parser.add_argument(
+        "--database-url", metavar="URL",
+        help="Server to use (a role that may CREATE DATABASE). Default: an embedded PostgreSQL; required with --database mysql.",
+    )
     parser.add_argument("--quick", action="store_true", help="Small sizes, well under a minute: for CI.")
     parser.add_argument("--json", type=Path, metavar="PATH", help="Where to write the results (default: results/latest.json; a temp file with --quick).")
     parser.add_argument(
@@ -953,7 +1012,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Run only these, in this order ({', '.join(SCENARIOS)}). Default: all but callgrind.",
     )
     args = parser.parse_args(argv)
-    selected = list(args.scenarios or BY_DEFAULT)
+    mysql = args.database == "mysql"
+    if mysql:
+        if not args.database_url:
+            parser.error("--database mysql needs --database-url, e.g. mysql://root@127.0.0.1:3306/")
+        if args.baseline or args.callgrind or any(name not in MYSQL_SCENARIOS for name in args.scenarios or ()):
+            parser.error(f"with --database mysql, choose scenarios from {', '.join(MYSQL_SCENARIOS)} (no --baseline, --callgrind)")
+    scenarios = MYSQL_SCENARIOS if mysql else SCENARIOS
+    selected = list(args.scenarios or (MYSQL_SCENARIOS if mysql else BY_DEFAULT))
     if args.callgrind and "callgrind" not in selected:
         selected.append("callgrind")
     if "callgrind" in selected and shutil.which("valgrind") is None:
@@ -964,14 +1030,20 @@ def main(argv: list[str] | None = None) -> int:
     check_import_origin()
     with baseline_code(args.baseline) as baseline, server_url(args.database_url) as url:
         codes = [CURRENT, *([baseline] if baseline else [])]
-        server = pg.Server(url)
-        report.data["machine"] = machine(server)
+        if mysql:
+            import mysqlbench
+
+            server: Any = mysqlbench.Server(url)
+        else:
+            server = pg.Server(url)
+        report.data["machine"] = machine(server, args.database)
         report.data["baseline"] = {"revision": args.baseline, "label": baseline.label} if baseline else None
-        log(f"batchjobs benchmarks ({report.mode}) on PostgreSQL {report.data['machine']['postgresql'].split()[0]}")
+        database = f"{'MySQL/MariaDB' if mysql else 'PostgreSQL'} {report.data['machine'][args.database].split()[0]}"
+        log(f"batchjobs benchmarks ({report.mode}) on {database}")
         # Other processes on the machine skew every number; the load average documents how busy it was.
         load = report.data["load_average_1min"] = {"start": os.getloadavg()[0]}
         for name in selected:
-            scenario = SCENARIOS[name]
+            scenario = scenarios[name]
             if name in WITH_BASELINE:
                 scenario(server, sizes, report, codes)
             else:
@@ -997,7 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = report.data["machine"]
     print(f"batchjobs benchmarks, {report.mode} mode, batch size {BATCH}, {report.data['seconds']:.0f} s")
-    print(f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, PostgreSQL {m['postgresql'].split()[0]}, Python {m['python']}")
+    print(f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gib']} GiB RAM, {database}, Python {m['python']}")
     print(f"load average (1 min) at start: {load['start']:.2f}")
     if baseline:
         print(f"{baseline.label}: --baseline {args.baseline}, beside the current code ({m['batchjobs_commit']}, {CURRENT.root})")

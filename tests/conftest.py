@@ -1,4 +1,5 @@
-"""Fixtures: a real PostgreSQL (embedded, or $BATCHJOBS_TEST_POSTGRES_URL) and SQLite files."""
+"""Fixtures: a real PostgreSQL (embedded, or $BATCHJOBS_TEST_POSTGRES_URL), SQLite files, and
+MySQL or MariaDB where $BATCHJOBS_TEST_MYSQL_URL names a server."""
 
 from __future__ import annotations
 
@@ -71,10 +72,41 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'app.sqlite3'}"
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(scope="session")
+def mysql_server() -> Iterator[Engine]:
+    """An engine on the MySQL or MariaDB server in $BATCHJOBS_TEST_MYSQL_URL, to create databases with."""
+    url = os.environ.get("BATCHJOBS_TEST_MYSQL_URL")
+    if not url:
+        pytest.skip("no MySQL/MariaDB to test on: set BATCHJOBS_TEST_MYSQL_URL=mysql+pymysql://root@127.0.0.1:3306/")
+    admin = create_engine(url, connect_timeout=3, isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except sqlalchemy.exc.DBAPIError as exc:
+        pytest.skip(f"no MySQL/MariaDB answers at {admin.url.render_as_string(hide_password=True)}: {exc.orig}")
+    yield admin
+    admin.dispose()
+
+
+@pytest.fixture
+def mysql_url(mysql_server: Engine) -> Iterator[str]:
+    """A fresh, empty MySQL/MariaDB database for one test."""
+    name = f"bj_test_{uuid.uuid4().hex[:12]}"
+    with mysql_server.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield mysql_server.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with mysql_server.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+
+
+_DATABASE_URLS = {"postgresql": "pg_url", "sqlite": "sqlite_url", "mysql": "mysql_url"}
+
+
+@pytest.fixture(params=list(_DATABASE_URLS))
 def db_url(request: pytest.FixtureRequest) -> str:
-    """Each test using this runs once on PostgreSQL and once on SQLite."""
-    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    """Each test using this runs on PostgreSQL, on SQLite, and on MySQL/MariaDB where one answers."""
+    return str(request.getfixturevalue(_DATABASE_URLS[request.param]))
 
 
 def _app_engine(url: str) -> Iterator[Engine]:
@@ -97,6 +129,12 @@ def engine(db_url: str) -> Iterator[Engine]:
 def pg_engine(pg_url: str) -> Iterator[Engine]:
     """The same on PostgreSQL only, for what only PostgreSQL has (row locks, EXPLAIN, pg_sleep)."""
     yield from _app_engine(pg_url)
+
+
+@pytest.fixture
+def mysql_engine(mysql_url: str) -> Iterator[Engine]:
+    """The same on MySQL/MariaDB only, for what differs there (its locks, EXPLAIN, time zones)."""
+    yield from _app_engine(mysql_url)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ variables, so a subprocess run behaves as the test asks.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -72,6 +73,8 @@ class Behaviour:
 
     effects: Path | None = None
     poison: set[int] = field(default_factory=set)
+    #: Rows whose handler kills its own process, as an OOM kill or a segfault would.
+    kill: set[int] = field(default_factory=set)
     block_on: int | None = None
     signal_dir: Path | None = None
     write_note: bool = False
@@ -82,6 +85,7 @@ class Behaviour:
         return cls(
             effects=Path(os.environ["JOBAPP_EFFECTS"]) if os.environ.get("JOBAPP_EFFECTS") else None,
             poison=_ids("JOBAPP_POISON"),
+            kill=_ids("JOBAPP_KILL"),
             block_on=int(os.environ["JOBAPP_BLOCK_ON"]) if os.environ.get("JOBAPP_BLOCK_ON") else None,
             signal_dir=Path(os.environ["JOBAPP_SIGNAL_DIR"]) if os.environ.get("JOBAPP_SIGNAL_DIR") else None,
             write_note=bool(os.environ.get("JOBAPP_WRITE_NOTE")),
@@ -114,6 +118,8 @@ def _handle(job: str, row_id: int) -> None:
         release = reached.with_name(f"release-{row_id}")
         while not release.exists():
             time.sleep(0.01)
+    if row_id in behaviour.kill:
+        os.kill(os.getpid(), signal.SIGKILL)
     if row_id in behaviour.poison:
         raise ValueError(f"poison row {row_id}")
 

@@ -64,6 +64,11 @@ def test_add_flag_column_on_a_table_with_rows(db_url: str, tmp_path: Path, exist
     old_state = existing == "done"
     assert {k: bool(v) for k, v in flags.items()} == {1: old_state, 2: old_state, 3: old_state, 4: False}
     [index] = [i for i in inspect(engine).get_indexes("users") if i["name"] == "ix_users_welcome_email_sent_pending"]
+    if engine.dialect.name in ("mysql", "mariadb"):
+        # No partial indexes: the flag leads, and the pending rows' entries are in key order.
+        assert index["column_names"] == ["welcome_email_sent", "id"]
+        engine.dispose()
+        return
     assert index["column_names"] == ["id"]
     with engine.connect() as conn:
         if engine.dialect.name == "postgresql":
@@ -80,7 +85,7 @@ def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from batchjobs.alembic import include_name
+    from batchjobs.alembic import include_name, include_object
     from batchjobs.migrate import migrate
 
     engine = create_engine(db_url)
@@ -88,7 +93,8 @@ def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
     migrate(engine)
     with engine.connect() as conn:
         unfiltered = compare_metadata(MigrationContext.configure(conn), jobapp.Base.metadata)
-        filtered = compare_metadata(MigrationContext.configure(conn, opts={"include_name": include_name}), jobapp.Base.metadata)
+        opts = {"include_name": include_name, "include_object": include_object}
+        filtered = compare_metadata(MigrationContext.configure(conn, opts=opts), jobapp.Base.metadata)
     engine.dispose()
     dropped = {diff[1].name for diff in unfiltered if diff[0] == "remove_table"}
     assert {"batchjobs_failures", "batchjobs_alembic_version"} <= dropped

@@ -73,8 +73,8 @@ def test_malformed_duration(value: str) -> None:
 
 
 def test_unsupported_database() -> None:
-    result = run_cli("-A", "jobapp:jobs", "--database-url", "mysql+pymysql://u:pw@127.0.0.1/x", "jobs")
-    assert_one_line_error(result)
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "oracle://u:pw@127.0.0.1/x", "jobs")
+    assert_one_line_error(result, "batchjobs supports PostgreSQL, MySQL, MariaDB and SQLite; this database is oracle")
     assert "pw@" not in result.stderr
 
 

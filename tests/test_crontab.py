@@ -293,3 +293,16 @@ def test_crontab_command_prints_the_schedule() -> None:
     ]
     systemd = run_cli("-A", "jobapp:jobs", "crontab", "--format", "systemd")
     assert systemd.returncode == 0 and systemd.stdout.count("# ---- file: batchjobs-") == 6
+
+
+def test_systemd_workers_restart_always_and_start_an_absolute_command(tmp_path: Path) -> None:
+    text = render_schedule(jobapp.jobs, APP, workdir=str(tmp_path), format="systemd", worker=True)
+    units = split_units(text)
+    assert sorted(units) == [f"batchjobs-worker-{queue}.service" for queue in ("items", "mail", "media")]
+    service = units["batchjobs-worker-mail.service"].splitlines()
+    for setting in ("Type=simple", "Restart=always", "KillSignal=SIGTERM", "WantedBy=multi-user.target"):
+        assert setting in service
+    # No --python given: systemd refuses a relative command, so this Python runs -m batchjobs.
+    assert f"ExecStart={sys.executable} -m batchjobs -A jobapp:jobs worker --queue mail" in service
+    with pytest.raises(BatchJobsError, match="use the systemd format"):
+        render_schedule(jobapp.jobs, APP, worker=True)

@@ -149,7 +149,7 @@ def test_a_tracing_listener_sees_every_claim_and_mark_and_changes_nothing(engine
 
 def test_an_engine_with_its_own_creator_and_listeners_is_used_as_it_is(db_url: str) -> None:
     """The app's creator (and so its connect arguments) makes every connection a run and its
-    worker threads use; on PostgreSQL its engine listeners see their statements."""
+    worker threads use; on PostgreSQL and MySQL its engine listeners see their statements."""
     import sqlite3
 
     import sqlalchemy
@@ -165,11 +165,18 @@ def test_an_engine_with_its_own_creator_and_listeners_is_used_as_it_is(db_url: s
             made.append(url.database)
             return sqlite3.connect(str(url.database), check_same_thread=False)
 
-    else:
+    elif url.get_backend_name() == "postgresql":
 
         def creator() -> Any:
             made.append(url.database)
             return psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+    else:
+        import pymysql
+
+        def creator() -> Any:
+            made.append(url.database)
+            return pymysql.connect(host=url.host, port=url.port or 3306, user=url.username, password=url.password or "", database=url.database)
 
     app_engine = sqlalchemy.create_engine(url.set(query={}), creator=creator, pool_size=5)
     setup = create_engine(db_url)
@@ -189,7 +196,7 @@ def test_an_engine_with_its_own_creator_and_listeners_is_used_as_it_is(db_url: s
     summary = run_concurrently(registry_of_items(), app_engine, concurrency=2, pool="thread", batch_size=5)
     assert summary.done == 40 and all(processed(app_engine).values())
     assert made, "the run's connections came from the app's creator"
-    if url.get_backend_name() == "postgresql":
+    if url.get_backend_name() != "sqlite":
         assert any("SKIP LOCKED" in statement for statement in seen)
     app_engine.dispose()
 

@@ -12,10 +12,13 @@ from sqlalchemy import Engine
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.store.base import Store
+from batchjobs.store.mysql import MariaDBStore, MySQLStore
 from batchjobs.store.postgresql import PostgreSQLStore
 from batchjobs.store.sqlite import SQLiteStore
 
-STORES: dict[str, type[Store]] = {store.name: store for store in (PostgreSQLStore, SQLiteStore)}
+STORES: dict[str, type[Store]] = {
+    store.name: store for store in (PostgreSQLStore, MySQLStore, MariaDBStore, SQLiteStore)
+}
 
 # Engines batchjobs set up itself, and the engines it derived from an app's (see Store.adopt).
 # Weak, so that batchjobs never keeps an engine alive, and nothing is set on the engine itself.
@@ -28,7 +31,9 @@ def store_class(name: str) -> type[Store]:
     try:
         return STORES[name]
     except KeyError:
-        raise BatchJobsError(f"batchjobs supports PostgreSQL and SQLite; this database is {name}") from None
+        raise BatchJobsError(
+            f"batchjobs supports PostgreSQL, MySQL, MariaDB and SQLite; this database is {name}"
+        ) from None
 
 
 def driver_for(scheme: str) -> str | None:
@@ -39,10 +44,19 @@ def driver_for(scheme: str) -> str | None:
     return None
 
 
-def configured(engine: Engine) -> Store:
+def driver_install(drivername: str) -> str | None:
+    """How to install the driver of a ``database+driver`` name, where a batchjobs extra does."""
+    database, _, driver = drivername.partition("+")
+    store = STORES.get(database)
+    if store is None or store.extra is None or driver not in ("", store.default_driver):
+        return None
+    return f"pip install 'batchjobs[{store.extra}]'"
+
+
+def configured(engine: Engine, *, connect_timeout: float | None = None) -> Store:
     """Set up an engine batchjobs created itself."""
     cls = store_class(engine.dialect.name)
-    cls.configure(engine)
+    cls.configure(engine, connect_timeout=connect_timeout)
     _configured.add(engine)
     return cls(engine)
 
@@ -66,4 +80,4 @@ def store_for(engine: Engine) -> Store:
     return cls(derived)
 
 
-__all__ = ["STORES", "Store", "configured", "driver_for", "store_class", "store_for"]
+__all__ = ["STORES", "Store", "configured", "driver_for", "driver_install", "store_class", "store_for"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from sqlalchemy import (
     Column,
@@ -36,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     literal_column,
     or_,
     select,
@@ -62,6 +63,9 @@ KEYS = "batchjobs_keys"
 AFTER = "batchjobs_after"
 #: Label of the row key the claim computes beside each row.
 ROW_KEY = "batchjobs_row_key"
+#: ``Index.info`` key of a pending index: the name of its flag column, for a database that has no
+#: partial indexes and indexes the flag itself.
+PENDING_FLAG = "batchjobs_pending_flag"
 
 
 def row_key_sql(job: FlagJob) -> ColumnElement[str]:
@@ -92,8 +96,9 @@ def advance(position: Any, reached: Any) -> Any:
     return reached
 
 
-def _held_back() -> ColumnElement[bool]:
-    """Failure-record condition for rows that must wait: dead, backing off, or failed this run.
+def _held_back(*, suspects: bool = True) -> ColumnElement[bool]:
+    """Failure-record condition for rows that must wait: dead, backing off, or failed this run;
+    with ``suspects``, also rows whose handler ever ended its process (they run apart).
 
     ``now`` and ``run_started`` are bound at execution, so each statement is built once per run.
     """
@@ -101,7 +106,31 @@ def _held_back() -> ColumnElement[bool]:
         Failure.dead.is_(True),
         Failure.next_attempt_at > bindparam("now", type_=UTCDateTime()),
         Failure.last_failed_at >= bindparam("run_started", type_=UTCDateTime()),
+        *([Failure.crashes > 0] if suspects else []),
     )
+
+
+def first_failure_values(job: FlagJob, failures: Sequence[RowFailure], now: datetime) -> list[dict[str, Any]]:
+    """The failure records of these rows as a first failure would write them (see Store.record_failures)."""
+    first_is_last = job.max_attempts <= 1
+    return [
+        {
+            "job": job.name,
+            "row_key": failure.row_key,
+            "attempts": 1,
+            "crashes": int(failure.crashed),
+            "first_failed_at": now,
+            "last_failed_at": now,
+            # A crash suspect is due at once: it runs in a chunk of its own, so it cannot
+            # take other rows down with it again.
+            "next_attempt_at": None if first_is_last else now if failure.crashed else now + failure.wait(job),
+            "dead": first_is_last or (failure.crashed and job.max_crashes <= 1),
+            "error_type": failure.error_type[:200],
+            "error_message": failure.message,
+            "traceback": failure.traceback,
+        }
+        for failure in failures
+    ]
 
 
 class Store:
@@ -112,6 +141,8 @@ class Store:
     #: URL schemes that mean this database without naming a driver, and the driver batchjobs uses.
     schemes: ClassVar[tuple[str, ...]] = ()
     default_driver: ClassVar[str | None] = None
+    #: The batchjobs extra that installs ``default_driver`` (``pip install 'batchjobs[extra]'``), if any.
+    extra: ClassVar[str | None] = None
     #: Whether batchjobs' own migrations need alembic's batch mode (tables copied to be altered).
     render_as_batch: ClassVar[bool] = False
 
@@ -122,8 +153,10 @@ class Store:
     # -- engines ---------------------------------------------------------------------------------
 
     @classmethod
-    def configure(cls, engine: Engine) -> None:
-        """Install connection-level settings on an engine batchjobs created itself."""
+    def configure(cls, engine: Engine, *, connect_timeout: float | None = None) -> None:
+        """Install connection-level settings on an engine batchjobs created itself; with
+        ``connect_timeout``, new connections wait that long at most for the server (unless the
+        URL says otherwise)."""
 
     @classmethod
     def adopt(cls, engine: Engine) -> Engine:
@@ -143,12 +176,45 @@ class Store:
         """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
         return False
 
+    def transaction_limits(self, connection: Connection) -> list[str]:
+        """Server settings in force that end a transaction which idles or lasts too long.
+
+        A chunk's transaction stays open while its handlers run, so such a limit shorter than a
+        handler would end every chunk it is in (see :meth:`lift_transaction_limits`).
+        """
+        return []
+
+    def lift_transaction_limits(self, connection: Connection | Session, names: Sequence[str]) -> None:
+        """Switch these limits off for the current transaction only."""
+
+    # -- wake-ups for workers ---------------------------------------------------------------------------
+
+    @classmethod
+    def pending_trigger_sql(cls, table: str, flag: str, *, boolean: bool) -> list[str]:
+        """DDL that makes the database tell listening workers when a row of ``table`` becomes
+        pending; none where the database cannot (workers poll it)."""
+        return []
+
+    @classmethod
+    def drop_pending_trigger_sql(cls, table: str, flag: str) -> list[str]:
+        """DDL that removes what :meth:`pending_trigger_sql` installs."""
+        return []
+
+    def has_pending_trigger(self, connection: Connection, table: str, flag: str) -> bool:
+        """Whether ``table`` tells workers about new pending rows (see :meth:`pending_trigger_sql`)."""
+        return False
+
+    def listener(self) -> Listener | None:
+        """A connection that waits for those notifications; None where workers poll."""
+        return None
+
     def in_failed_transaction(self, dbapi_connection: Any) -> bool:
         """Whether a statement failed and the transaction refuses more until rolled back."""
         return False
 
-    def cancel_running_statement(self, dbapi_connection: Any) -> bool:
-        """From a signal handler: cancel the statement the driver is waiting on, if there is one.
+    def cancel_running_statement(self, dbapi_connection: Any, in_flight: bool) -> bool:
+        """From a signal handler or another thread: cancel the statement the driver is waiting
+        on, if there is one (``in_flight``: batchjobs saw one sent and not yet answered).
 
         Returns False when no statement is in flight, so raising in Python code is safe.
         """
@@ -186,32 +252,19 @@ class Store:
             return
         table = FAILURES
         upsert = self.upsert(table)
-        first_is_last = job.max_attempts <= 1
         # The inserted values are those of a first failure; when a record exists already, the
         # update below counts on from it, and uses this wait for the attempt the claim saw.
-        values = [
-            {
-                "job": job.name,
-                "row_key": failure.row_key,
-                "attempts": 1,
-                "first_failed_at": now,
-                "last_failed_at": now,
-                "next_attempt_at": None if first_is_last else now + failure.wait(job),
-                "dead": first_is_last,
-                "error_type": failure.error_type[:200],
-                "error_message": failure.message,
-                "traceback": failure.traceback,
-            }
-            for failure in failures
-        ]
-        # The count comes from the stored row, not from what the claim saw: attempts stay exact
+        values = first_failure_values(job, failures, now)
+        # The counts come from the stored row, not from what the claim saw: attempts stay exact
         # even if another runner recorded an attempt in between.
         attempts = table.c.attempts + 1
-        now_dead = attempts >= job.max_attempts
+        crashes = table.c.crashes + upsert.excluded.crashes  # type: ignore[attr-defined]
+        now_dead = or_(attempts >= job.max_attempts, crashes >= job.max_crashes)
         stmt = upsert.values(values).on_conflict_do_update(  # type: ignore[attr-defined]
             index_elements=[table.c.job, table.c.row_key],
             set_={
                 "attempts": attempts,
+                "crashes": crashes,
                 "last_failed_at": upsert.excluded.last_failed_at,  # type: ignore[attr-defined]
                 "dead": now_dead,
                 "next_attempt_at": case(
@@ -234,6 +287,30 @@ class Store:
             {KEYS: self.key_list(FAILURES.c.row_key, row_keys, bound)},
         )
         return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- crash accounting ----------------------------------------------------------------------------
+
+    def suspect_jobs(self, connection: Connection) -> set[str]:
+        """Names of the jobs that have crash suspects to run (pending rows are not checked)."""
+        stmt = select(Failure.job).where(Failure.crashes > 0, Failure.dead.is_(False)).distinct()
+        return set(connection.scalars(stmt))
+
+    def still_attempted(self, connection: Connection, job: FlagJob, row_keys: Sequence[str], since: datetime) -> list[str]:
+        """Of these row keys, those still pending with no failure recorded since ``since``: the rows
+        a worker that went away was handling (a row it finished is done, one that failed has its
+        failure recorded)."""
+        if not row_keys:
+            return []
+        pk = job.primary_key
+        recorded = (
+            select(true())
+            .where(Failure.job == job.name, Failure.row_key == row_key_sql(job), Failure.last_failed_at >= since)
+            .exists()
+        )
+        stmt = select(row_key_sql(job)).where(
+            job.pending(), pk.in_([cast(literal(key, String()), pk.type) for key in row_keys]), ~recorded
+        )
+        return list(connection.scalars(stmt))
 
     # -- failures, for operators ----------------------------------------------------------------------
 
@@ -359,6 +436,19 @@ class Store:
     def save_run(self, connection: Connection, run_id: Any, values: dict[str, Any]) -> None:
         connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
 
+    def unfinished_runs(
+        self, connection: Connection, host: str, since: datetime, quiet_since: datetime
+    ) -> list[tuple[int, int, datetime]]:
+        """(id, pid, last heartbeat) of ``host``'s runs that recorded no end, beat at or after
+        ``since`` and not since ``quiet_since``."""
+        stmt = select(RUNS.c.id, RUNS.c.pid, RUNS.c.heartbeat_at).where(
+            RUNS.c.outcome.is_(None),
+            RUNS.c.host == host,
+            RUNS.c.heartbeat_at >= since,
+            RUNS.c.heartbeat_at < quiet_since,
+        )
+        return [(run_id, pid, as_utc(beat)) for run_id, pid, beat in connection.execute(stmt)]
+
     def runs_since(self, connection: Connection, since: datetime) -> list[RunRecord]:
         """Runs that were active at or after ``since``, newest first, detached."""
         stmt = select(RunRecord).where(RunRecord.heartbeat_at >= since).order_by(RunRecord.started_at.desc())
@@ -403,6 +493,20 @@ class Store:
         raise NotImplementedError
 
 
+class Listener(Protocol):
+    """Waits for "a row became pending" notifications on a connection of its own."""
+
+    def wait(self, timeout: float) -> set[str]:
+        """Block up to ``timeout`` seconds; the names of the tables notified (empty on timeout)."""
+        ...
+
+    def poll(self) -> set[str]:
+        """What arrived meanwhile, without waiting."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class ChunkStatements:
     """One job's chunk statements, built once per run and executed with each chunk's values.
 
@@ -418,7 +522,11 @@ class ChunkStatements:
         self.pk_attr = job.primary_key_attr
         self.claim = self.claim_statement(limit)
         self.claim_after = self.claim_statement(limit, keyset_walk=True)
+        self.claim_suspect = self.suspect_statement()
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
+            Failure.job == job.name, store.key_in(FAILURES.c.row_key)
+        )
+        self.suspect_failures = select(Failure.row_key, Failure.attempts, _held_back(suspects=False)).where(
             Failure.job == job.name, store.key_in(FAILURES.c.row_key)
         )
         self.mark = (
@@ -468,16 +576,42 @@ class ChunkStatements:
         ).limit(literal_column(str(int(limit)), Integer()))
         return self.store.lock_for_claim(stmt, job.table)
 
+    def suspect_statement(self) -> Select[Any]:
+        """Select and lock one crash suspect: a pending row whose handler ended its process before.
+
+        Driven from the failure table (few rows) to the job's table through its primary key, the
+        row key cast back to the key's type, so it costs an index probe per suspect.
+        """
+        job = self.job
+        loaded: list[Any] = list(job.columns) if job.columns else [job.model]
+        of_this_row = and_(Failure.job == job.name, job.primary_key == cast(Failure.row_key, job.primary_key.type))
+        stmt = (
+            select(*loaded, row_key_sql(job).label(ROW_KEY))
+            .join_from(job.table, Failure, of_this_row)
+            .where(job.pending(), Failure.crashes > 0, ~_held_back(suspects=False))
+            .order_by(job.primary_key)
+            .limit(1)
+        )
+        return self.store.lock_for_claim(stmt, job.table)
+
     def claim_rows(
-        self, connection: Connection, session: Session | None, now: datetime, run_started: datetime, after: Any = None
+        self,
+        connection: Connection,
+        session: Session | None,
+        now: datetime,
+        run_started: datetime,
+        after: Any = None,
+        *,
+        suspect: bool = False,
     ) -> list[tuple[Any, str]]:
         """Lock pending rows: (row for the handler, row key) pairs, in key order.
 
         ORM objects are loaded into ``session``; plain rows come straight from ``connection``.
-        With ``after`` (a primary-key value), only rows with a greater key are claimed.
+        With ``after`` (a primary-key value), only rows with a greater key are claimed. With
+        ``suspect``, one crash suspect and nothing else.
         """
         params: dict[str, Any] = {"now": now, "run_started": run_started}
-        claim = self.claim
+        claim = self.claim_suspect if suspect else self.claim
         if after is not None:
             params[AFTER] = after
             claim = self.claim_after
@@ -489,7 +623,7 @@ class ChunkStatements:
         return [(make(values[:-1]), values[-1]) for values in connection.execute(claim, params).all()]
 
     def failure_states(
-        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime
+        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime, *, suspect: bool = False
     ) -> dict[str, tuple[int, bool]]:
         """For claimed rows that have a failure record: row key -> (attempts so far, held back).
 
@@ -500,7 +634,7 @@ class ChunkStatements:
         """
         keys_param = self.store.key_list(FAILURES.c.row_key, keys, connection.dialect)
         params = {KEYS: keys_param, "now": now, "run_started": run_started}
-        rows = connection.execute(self.failures, params)
+        rows = connection.execute(self.suspect_failures if suspect else self.failures, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}
 
     def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
@@ -509,3 +643,4 @@ class ChunkStatements:
             done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
             keys_param = self.store.key_list(self.job.primary_key, keys, connection.dialect)
             connection.execute(self.mark, {KEYS: keys_param, **done})
+

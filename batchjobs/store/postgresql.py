@@ -7,16 +7,80 @@ of hosts take disjoint rows, and inserts into tables that reference a claimed ro
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, String, Table, any_, bindparam, cast, func, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    String,
+    Table,
+    any_,
+    bindparam,
+    cast,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy import Dialect as SQLADialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
-from batchjobs.store.base import KEYS, Store
+from batchjobs.errors import BatchJobsError
+from batchjobs.store.base import KEYS, Listener, Store
+
+#: The channel batchjobs' triggers notify and workers LISTEN on; the payload is the table's name.
+CHANNEL = "batchjobs"
+
+
+def _quote(name: str) -> str:
+    # Always quoted: the name is then exactly the one SQLAlchemy created the table or column with.
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _trigger(flag: str, kind: str) -> str:
+    # Trigger names are per table, so the flag column tells a table's triggers apart.
+    return f"batchjobs_{flag}_{kind}"[:63]
+
+
+class _Listener:
+    """LISTEN on a connection of its own, in autocommit mode, and wait with psycopg's notifies()."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self.connection.exec_driver_sql(f"LISTEN {CHANNEL}")
+        self.driver = self.connection.connection.driver_connection
+
+    def _collect(self, timeout: float) -> set[str]:
+        import psycopg
+
+        assert self.driver is not None
+        tables: set[str] = set()
+        try:
+            # The first notification ends the wait; whatever else already arrived comes with it.
+            for notify in self.driver.notifies(timeout=timeout, stop_after=1):
+                tables.add(notify.payload)
+            for notify in self.driver.notifies(timeout=0):
+                tables.add(notify.payload)
+        except psycopg.Error as error:
+            # Raised as SQLAlchemy raises a driver's errors, so that callers handle one kind.
+            self.connection.invalidate()
+            raise OperationalError(f"LISTEN {CHANNEL}", None, error) from error
+        return tables
+
+    def wait(self, timeout: float) -> set[str]:
+        return self._collect(max(timeout, 0.0))
+
+    def poll(self) -> set[str]:
+        return self._collect(0.0)
+
+    def close(self) -> None:
+        self.connection.close()
 
 
 class PostgreSQLStore(Store):
@@ -64,12 +128,65 @@ class PostgreSQLStore(Store):
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
+    def transaction_limits(self, connection: Connection) -> list[str]:
+        # transaction_timeout exists from PostgreSQL 17 on; pg_settings lists what this server has.
+        rows = connection.execute(
+            text(
+                "SELECT name FROM pg_settings WHERE name IN "
+                "('idle_in_transaction_session_timeout', 'transaction_timeout') AND setting <> '0' ORDER BY name"
+            )
+        )
+        return list(rows.scalars())
+
+    def lift_transaction_limits(self, connection: Connection | Session, names: Sequence[str]) -> None:
+        # set_config(..., true) is SET LOCAL: it ends with the transaction, so the server's setting
+        # stays in force for every other transaction, batchjobs' own short ones included.
+        calls = ", ".join(f"set_config(:name_{i}, '0', true)" for i in range(len(names)))
+        connection.execute(text(f"SELECT {calls}"), {f"name_{i}": name for i, name in enumerate(names)})
+
+    @classmethod
+    def pending_trigger_sql(cls, table: str, flag: str, *, boolean: bool) -> list[str]:
+        quote = _quote
+        became_pending = f"NEW.{quote(flag)} = false" if boolean else f"NEW.{quote(flag)} IS NULL"
+        return [
+            # One function for every table: the payload names the table, the channel is shared.
+            f"""CREATE OR REPLACE FUNCTION batchjobs_notify_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME);
+    RETURN NULL;
+END $$""",
+            *cls.drop_pending_trigger_sql(table, flag),
+            # Per statement, not per row: a 10,000-row INSERT notifies once. Rows are nearly always
+            # inserted pending; one inserted done costs a worker one empty claim.
+            f"CREATE TRIGGER {quote(_trigger(flag, 'insert'))} AFTER INSERT ON {quote(table)} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION batchjobs_notify_pending()",
+            # Per row, but filtered by WHEN in the server's C code: batchjobs marking rows done,
+            # and every update that leaves the flag alone, call nothing.
+            f"CREATE TRIGGER {quote(_trigger(flag, 'requeue'))} AFTER UPDATE OF {quote(flag)} ON {quote(table)} "
+            f"FOR EACH ROW WHEN ({became_pending} AND OLD.{quote(flag)} IS DISTINCT FROM NEW.{quote(flag)}) "
+            "EXECUTE FUNCTION batchjobs_notify_pending()",
+        ]
+
+    @classmethod
+    def drop_pending_trigger_sql(cls, table: str, flag: str) -> list[str]:
+        return [f"DROP TRIGGER IF EXISTS {_quote(_trigger(flag, kind))} ON {_quote(table)}" for kind in ("insert", "requeue")]
+
+    def has_pending_trigger(self, connection: Connection, table: str, flag: str) -> bool:
+        found = connection.execute(
+            text("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(:table) AND tgname IN (:insert, :requeue)"),
+            {"table": _quote(table), "insert": _trigger(flag, "insert"), "requeue": _trigger(flag, "requeue")},
+        ).scalar_one()
+        return bool(found == 2)
+
+    def listener(self) -> Listener:
+        return _Listener(self.engine)
+
     def in_failed_transaction(self, dbapi_connection: Any) -> bool:
         from psycopg import pq
 
         return bool(dbapi_connection.pgconn.transaction_status == pq.TransactionStatus.INERROR)
 
-    def cancel_running_statement(self, dbapi_connection: Any) -> bool:
+    def cancel_running_statement(self, dbapi_connection: Any, in_flight: bool) -> bool:
         # psycopg waits for results in Python, so an exception raised there would leave the
         # connection mid-exchange. libpq's cancel request is made for signal handlers: the
         # statement fails with QueryCanceled and the connection stays usable.
@@ -98,3 +215,41 @@ class PostgreSQLStore(Store):
         # CONCURRENTLY, in an autocommit block: the app keeps writing while the index is built.
         with op.get_context().autocommit_block():
             op.create_index(name, table, [key], postgresql_where=pending, postgresql_concurrently=True)
+
+    @classmethod
+    def configure(cls, engine: Engine, *, connect_timeout: float | None = None) -> None:
+        if engine.dialect.driver != "psycopg":
+            return  # another driver has its own names for both settings below
+        # Checked now, so that a mistyped URL fails before anything runs, not at the first connect.
+        cls.prepare_threshold(engine.url.query.get("prepare_threshold"))
+        timeout = connect_timeout
+
+        @event.listens_for(engine, "do_connect")
+        def _connect(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+            # Without a timeout psycopg waits 130 s on a server that accepts and never answers.
+            # psycopg enforces it in Python, so it bounds the startup exchange too, not only the
+            # TCP connect. The URL, connect_args or $PGCONNECT_TIMEOUT win over batchjobs' default.
+            if timeout is not None and "connect_timeout" not in cparams and "PGCONNECT_TIMEOUT" not in os.environ:
+                cparams["connect_timeout"] = timeout
+            # psycopg prepares a statement on the server after its fifth run. Behind a pooler in
+            # transaction mode (pgbouncer) the next transaction may run on another server
+            # connection, where that name is unknown or is another client's statement; so nothing
+            # is prepared unless asked for. A URL's value arrives as text, which psycopg would keep.
+            cparams["prepare_threshold"] = cls.prepare_threshold(cparams.get("prepare_threshold"))
+
+    @staticmethod
+    def prepare_threshold(value: Any) -> int | None:
+        """psycopg's ``prepare_threshold`` from a URL's text or ``connect_args``; None (the
+        default, also for ``none`` or an empty value) prepares nothing on the server."""
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        text_value = str(value).strip()
+        if text_value.lower() in ("", "none"):
+            return None
+        try:
+            return int(text_value)
+        except ValueError:
+            raise BatchJobsError(
+                f"prepare_threshold={value!r}: use a whole number (runs of a statement before psycopg "
+                "prepares it on the server), or none to prepare nothing"
+            ) from None

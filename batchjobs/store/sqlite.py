@@ -24,7 +24,7 @@ class SQLiteStore(Store):
     render_as_batch = True
 
     @classmethod
-    def configure(cls, engine: Engine) -> None:
+    def configure(cls, engine: Engine, *, connect_timeout: float | None = None) -> None:
         # pysqlite's own transaction handling cannot BEGIN IMMEDIATE, so batchjobs emits BEGIN
         # itself (the recipe from SQLAlchemy's SQLite documentation).
         @event.listens_for(engine, "connect")

@@ -11,20 +11,34 @@ from typing import Any, cast
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Dialect, Integer, MetaData, String, Table, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
 
 from batchjobs.timeutil import as_utc
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 
 
+#: SQLAlchemy's dialect names for MySQL and MariaDB, whose DATETIME keeps no time zone and,
+#: unless asked for, no fraction of a second.
+_MYSQL = ("mysql", "mariadb")
+
+
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+    """Timezone-aware UTC datetimes on every backend (SQLite and MySQL store them naive)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in _MYSQL:
+            from sqlalchemy.dialects.mysql import DATETIME
+
+            # Microseconds: backoff and "failed in this run" compare times less than a second apart.
+            return dialect.type_descriptor(DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -32,10 +46,26 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("batchjobs stores aware datetimes only")
         # In UTC: a database that keeps no time zone (SQLite) stores this wall time.
-        return value.astimezone(timezone.utc)
+        utc = value.astimezone(timezone.utc)
+        # Naive for MySQL: given an offset, MySQL 8 would convert the value to the session's time zone.
+        return utc.replace(tzinfo=None) if dialect.name in _MYSQL else utc
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         return None if value is None else as_utc(value)
+
+
+class LongText(TypeDecorator[str]):
+    """Text for tracebacks: MySQL's TEXT holds only 64 KiB, so there it is MEDIUMTEXT (16 MiB)."""
+
+    impl = Text()
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in _MYSQL:
+            from sqlalchemy.dialects.mysql import MEDIUMTEXT
+
+            return dialect.type_descriptor(MEDIUMTEXT())
+        return dialect.type_descriptor(self.impl)
 
 
 class Base(DeclarativeBase):
@@ -61,8 +91,11 @@ class Failure(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     dead: Mapped[bool] = mapped_column(Boolean, default=False)
     error_type: Mapped[str] = mapped_column(String(200))
-    error_message: Mapped[str] = mapped_column(Text)
-    traceback: Mapped[str] = mapped_column(Text)
+    error_message: Mapped[str] = mapped_column(LongText)
+    traceback: Mapped[str] = mapped_column(LongText)
+    #: Of ``attempts``, how many ended the process (or the transaction) while the handler ran.
+    #: A row with crashes is a suspect: it runs in a chunk of its own.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class BackfillState(Base):
@@ -107,6 +140,8 @@ class RunRecord(Base):
     job_stats: Mapped[str] = mapped_column(Text, default="{}")
     #: NULL while running; then finished, interrupted (signal or --max-runtime) or failed.
     outcome: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    #: "run" for run-pending (one drain), "worker" for `batchjobs worker` (drains until stopped).
+    kind: Mapped[str] = mapped_column(String(20), default="run", server_default="run")
 
 
 metadata = Base.metadata

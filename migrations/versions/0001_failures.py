@@ -7,7 +7,7 @@ Revises:
 import sqlalchemy as sa
 from alembic import op
 
-from batchjobs.store.tables import UTCDateTime
+from batchjobs.store.tables import LongText, UTCDateTime
 
 revision = "0001"
 down_revision = None
@@ -26,8 +26,8 @@ def upgrade() -> None:
         sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
         sa.Column("dead", sa.Boolean(), nullable=False),
         sa.Column("error_type", sa.String(200), nullable=False),
-        sa.Column("error_message", sa.Text(), nullable=False),
-        sa.Column("traceback", sa.Text(), nullable=False),
+        sa.Column("error_message", LongText(), nullable=False),
+        sa.Column("traceback", LongText(), nullable=False),
         sa.PrimaryKeyConstraint("job", "row_key", name="pk_batchjobs_failures"),
     )
 

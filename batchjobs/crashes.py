@@ -1,0 +1,151 @@
+"""Crash accounting: rows whose handler took its worker down are counted, set apart, and finally dead.
+
+A handler that kills its process (kill -9, OOM, a segfault), or during which the server ends the
+chunk's transaction, leaves no failure record: the chunk rolls back with everything in it. Left
+alone, every run would claim the same chunk, repeat the side effects of the rows before the bad
+one, and die on it again.
+
+So before a chunk's handlers run, the worker writes down which rows they are about to handle in
+a marker file of its own (:class:`InflightMarker`): a write to the operating system's page cache,
+which outlives the process, and costs no database round trip. A run that starts later on the
+same host and finds the marker of a worker that is gone (its process no longer exists, or it
+ended with an error) counts one attempt and one crash for each of those rows that is still
+pending and has no failure recorded since: rows the worker finished are done, rows that failed
+have their record. Markers are per host: cron runs on every host, so each host's next run counts
+its own crashes.
+
+Rows with a crash are suspects: claims leave them out of ordinary chunks, and each runs later in
+a chunk of its own, so a bad row can no longer take good ones with it, and the good ones get
+through. A row that crashed ``max_crashes`` times is dead, with a reason that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from batchjobs.failures import RowFailure
+from batchjobs.history import process_exists
+from batchjobs.registry import Registry
+from batchjobs.store import Store
+
+logger = logging.getLogger("batchjobs")
+
+
+class Crashed(Exception):
+    """The recorded error of an attempt that ended its worker or its transaction."""
+
+
+# Failure records name an error by its module and class: this one by the place users import it from.
+Crashed.__module__ = "batchjobs"
+
+REASON = (
+    "the worker handling this row went away before its chunk committed (killed, out of memory, a crash, "
+    "or its transaction ended by the server); the row now runs in a chunk of its own"
+)
+
+
+def marker_dir(store: Store) -> Path:
+    """Where this host's workers on this database keep their markers.
+
+    $BATCHJOBS_STATE_DIR, or a folder of this user's in the temporary directory; one subfolder
+    per database (named by a hash of its URL without the password).
+    """
+    base = os.environ.get("BATCHJOBS_STATE_DIR") or os.path.join(tempfile.gettempdir(), f"batchjobs-{os.getuid()}")
+    database = store.engine.url.render_as_string(hide_password=True)
+    return Path(base) / hashlib.sha256(database.encode()).hexdigest()[:16]
+
+
+class InflightMarker:
+    """One worker's marker file: the rows its handlers are about to handle, rewritten per chunk."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = folder / f"{os.getpid()}-{threading.get_ident()}.json"
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        # One write at offset 0, then cut what a longer earlier marker left behind.
+        payload = json.dumps(data).encode()
+        os.pwrite(self.fd, payload, 0)
+        os.ftruncate(self.fd, len(payload))
+
+    def set(self, job: str, row_keys: Sequence[str], now: datetime) -> None:
+        self._write({"pid": os.getpid(), "job": job, "row_keys": list(row_keys), "started_at": now.isoformat()})
+
+    def close(self, *, ended_well: bool) -> None:
+        """A worker that ended well removes its marker; one that ended with an error flags it, so
+        that the next run counts its rows although this process may live on (a thread pool)."""
+        try:
+            if ended_well:
+                self.path.unlink(missing_ok=True)
+            else:
+                with open(self.path, "rb") as current:
+                    data = json.loads(current.read() or b"{}")
+                if data:
+                    self._write({**data, "abandoned": True})
+        except (OSError, ValueError):
+            pass  # nothing to count then
+        finally:
+            os.close(self.fd)
+
+
+def _take(path: Path) -> dict[str, Any] | None:
+    """Read and remove an abandoned marker; None for a live worker's, or one another run took."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not data.get("abandoned") and process_exists(int(data.get("pid", 0))):
+        return None
+    taken = path.with_name(f"{path.name}.taken-{os.getpid()}")
+    try:
+        os.rename(path, taken)  # atomic: of two runs accounting at once, one gets it
+    except FileNotFoundError:
+        return None
+    try:
+        return dict(json.loads(taken.read_bytes()))
+    except (OSError, ValueError):
+        return None
+    finally:
+        taken.unlink(missing_ok=True)
+
+
+def account_abandoned(store: Store, registry: Registry, now: datetime) -> int:
+    """Count the crashes that workers which went away on this host left behind; returns the rows counted.
+
+    Costs a look at one small folder when there is nothing to do.
+    """
+    try:
+        paths = sorted(marker_dir(store).glob("*.json"))
+    except OSError:
+        return 0
+    counted = 0
+    for path in paths:
+        data = _take(path)
+        if data is None or data.get("job") not in registry.jobs:
+            continue
+        job = registry.jobs[data["job"]]
+        since = datetime.fromisoformat(data["started_at"])
+        with store.engine.begin() as connection:
+            keys = store.still_attempted(connection, job, data["row_keys"], since)
+            store.record_failures(connection, job, [RowFailure(key, 0, Crashed(REASON), crashed=True) for key in keys], now)
+        if keys:
+            counted += len(keys)
+            shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+            logger.warning(
+                "job %s: a worker (pid %d) went away while handling rows %s; each counts a crash and runs apart",
+                job.name,
+                data["pid"],
+                shown,
+                extra={"job": job.name, "outcome": "crashed"},
+            )
+    return counted

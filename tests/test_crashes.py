@@ -1,0 +1,126 @@
+"""Crash pills and lost transactions: counted, set apart, and finally dead, so the rest gets through.
+
+Real `batchjobs run-pending` processes on every database: a handler that kills its own process,
+a chunk whose connection the server ends, a table a migration keeps locked.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import jobapp
+import sqlalchemy
+from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+from test_run_pending import add_items, processed
+
+from batchjobs.store.tables import Failure
+
+
+def failure(engine: Engine, row_key: str) -> Failure | None:
+    with Session(engine) as session:
+        return session.scalars(select(Failure).where(Failure.job == "process_item", Failure.row_key == row_key)).first()
+
+
+def test_a_row_that_kills_its_process_dies_and_the_rest_get_through(engine: Engine, tmp_path: Path) -> None:
+    """100 rows in one chunk, row 50's handler kills its process, cron runs 8 times."""
+    add_items(engine, 100)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine), JOBAPP_EFFECTS=str(effects_file), JOBAPP_KILL="50")
+    outputs = []
+    for _ in range(8):
+        result = run_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--batch-size", "100", env=env)
+        assert result.returncode in (0, -signal.SIGKILL), result.stderr
+        outputs.append(result)
+
+    done = processed(engine)
+    assert sorted(key for key, is_done in done.items() if not is_done) == [50]
+    pill = failure(engine, "50")
+    assert pill is not None and pill.dead and pill.crashes == 3, pill
+    assert pill.error_type == "batchjobs.Crashed" and "went away" in pill.error_message
+    # The good rows of the crashed chunk ran apart once and succeeded: no failure record is left.
+    with Session(engine) as session:
+        assert session.scalars(select(Failure.row_key)).all() == ["50"]
+    handled = Counter(effects(effects_file))
+    assert max(handled.values()) <= 4, handled
+    assert handled[50] == 3  # the pill's third crash made it dead; it never ran again
+    # The run that found the crash said so in one line, and `failures` shows why the pill is dead.
+    assert any("went away while handling rows" in result.stderr for result in outputs)
+    shown = run_cli("-A", "jobapp:jobs", "show-failure", "process_item", "50", env=env)
+    assert shown.returncode == 0 and "batchjobs.Crashed" in shown.stdout, shown.stderr
+    assert "row 50: 3 attempt(s) (3 ended their worker), dead" in shown.stdout
+
+
+def test_a_chunk_whose_connection_the_server_ends_is_counted(pg_engine: Engine, tmp_path: Path) -> None:
+    """The server ends the chunk's session while row 3's handler runs: the run fails in one line,
+    and the next run counts the rows that were in flight instead of repeating them blindly."""
+    add_items(pg_engine, 10)
+    effects_file = tmp_path / "effects.txt"
+    env = blocking_env(pg_engine, tmp_path, 3, JOBAPP_EFFECTS=str(effects_file))
+    run = start_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", "--commit-interval", "1h", env=env)
+    wait_for(lambda: (tmp_path / "reached-3").exists(), "row 3 to be in progress", run)
+    with pg_engine.connect() as conn:
+        ended = conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle in transaction'"
+            )
+        ).scalars().all()
+    assert ended == [True]
+    (tmp_path / "release-3").touch()
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+    again = run_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "went away while handling rows 1, 2, 3, 4, 5, 6, 7, 8, 9, 10" in again.stderr
+    assert all(processed(pg_engine).values())
+    # Every row's handler ran in the lost chunk (handlers that leave the database alone do not
+    # notice it is gone), then once more apart, and that is all.
+    assert Counter(effects(effects_file)) == Counter({i: 2 for i in range(1, 11)})
+    assert failure(pg_engine, "3") is None  # done: its crash record was cleared
+
+
+def test_handlers_longer_than_the_servers_idle_timeout_finish(pg_engine: Engine, tmp_path: Path) -> None:
+    """idle_in_transaction_session_timeout shorter than a handler would end every chunk; batchjobs
+    lifts it for its own chunk transactions, so each row is handled once."""
+    database = pg_engine.url.database
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'ALTER DATABASE "{database}" SET idle_in_transaction_session_timeout = 300'))
+    add_items(pg_engine, 3)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(pg_engine), JOBAPP_EFFECTS=str(effects_file), JOBAPP_SLEEP="0.6")
+    result = run_cli("-A", "jobapp:jobs", "run-pending", "--queue", "items", env=env)
+    assert result.returncode == 0, result.stderr
+    assert all(processed(pg_engine).values())
+    assert Counter(effects(effects_file)) == Counter({1: 1, 2: 1, 3: 1})
+    # The server's own setting is left as it was for everyone else.
+    with sqlalchemy.create_engine(pg_engine.url).connect() as conn:
+        assert conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar() == "300ms"
+
+
+def test_a_claim_waits_for_a_locked_table_no_longer_than_the_lock_timeout(pg_engine: Engine, tmp_path: Path) -> None:
+    """A migration holds the items table: the run skips that job after its wait, in one line,
+    and handles the other jobs' rows."""
+    add_items(pg_engine, 5)
+    with Session(pg_engine) as session, session.begin():
+        session.add(jobapp.Order(id=1))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(pg_engine))
+    with pg_engine.connect() as migration:
+        migration.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        started = time.monotonic()
+        # --max-runtime bounds the wait too; then the default lock timeout of 5 s does.
+        short = run_cli("-A", "jobapp:jobs", "run-pending", "--max-runtime", "2s", env=env)
+        default = run_cli("-A", "jobapp:jobs", "run-pending", env=env)
+        took = time.monotonic() - started
+        migration.rollback()
+    assert short.returncode == 0 and default.returncode == 0, (short.stderr, default.stderr)
+    assert "job process_item: its table stayed locked for 2.0s (a migration?); skipped in this run" in short.stderr
+    assert "job process_item: its table stayed locked for 5.0s (a migration?); skipped in this run" in default.stderr
+    assert "send_receipt 1 done" in default.stdout
+    assert not any(processed(pg_engine).values())
+    assert took < 60, took  # not as long as a migration may hold the table

@@ -145,6 +145,9 @@ class Store:
     extra: ClassVar[str | None] = None
     #: Whether batchjobs' own migrations need alembic's batch mode (tables copied to be altered).
     render_as_batch: ClassVar[bool] = False
+    #: Whether adding a column with a constant default, and then changing that default, touch
+    #: no existing row (see :meth:`add_flag_column`).
+    instant_column_defaults: ClassVar[bool] = False
 
     def __init__(self, engine: Engine) -> None:
         #: The engine batchjobs works through: the app's own, or one derived from it (see adopt).
@@ -483,6 +486,12 @@ class Store:
         """Add a NOT NULL Boolean flag, false (pending) for new rows, ``existing_done`` for old ones."""
         import sqlalchemy as sa
 
+        if existing_done and cls.instant_column_defaults:
+            # Existing rows take "done" from the default the column is added with, with no UPDATE
+            # of every row, instantly on any table size; then new rows get "pending".
+            op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
+            op.alter_column(table, column, server_default=sa.false(), existing_type=sa.Boolean(), existing_nullable=False)
+            return
         op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
         if existing_done:
             op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))

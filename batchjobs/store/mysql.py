@@ -62,6 +62,8 @@ _HANDSHAKE_TIMEOUT = "batchjobs_handshake_timeout"
 class MySQLStore(Store):
     name = "mysql"
     schemes = ("mysql",)
+    # Adding a column and changing a default are instant (MySQL 8.0.12+, MariaDB 10.3+).
+    instant_column_defaults = True
     # Pure Python, so it installs anywhere; mysqlclient works too, named in the URL (mysql+mysqldb://).
     default_driver = "pymysql"
     extra = "mysql"
@@ -212,19 +214,6 @@ class MySQLStore(Store):
         # refuse a server without SKIP LOCKED, before a claim fails with a syntax error.
         check_server(connection.dialect)
         return super().schema_revision(connection)
-
-    @classmethod
-    def add_flag_column(cls, op: Any, table: str, column: str, *, existing_done: bool) -> None:
-        import sqlalchemy as sa
-
-        if not existing_done:
-            super().add_flag_column(op, table, column, existing_done=False)
-            return
-        # Adding a column and changing a default are instant (MySQL 8.0.12+, MariaDB 10.3+):
-        # existing rows take "done" from the default they were added with, without an UPDATE
-        # of every row, and new rows get "pending".
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
-        op.alter_column(table, column, server_default=sa.false(), existing_type=sa.Boolean(), existing_nullable=False)
 
     @classmethod
     def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:

@@ -86,6 +86,8 @@ class _Listener:
 class PostgreSQLStore(Store):
     name = "postgresql"
     schemes = ("postgres", "postgresql")
+    # Adding a column with a constant default rewrites nothing (PostgreSQL 11+).
+    instant_column_defaults = True
     # psycopg 3, which batchjobs depends on; a URL naming another driver keeps it.
     default_driver = "psycopg"
 
@@ -196,19 +198,6 @@ END $$""",
             return False
         dbapi_connection.cancel()
         return True
-
-    @classmethod
-    def add_flag_column(cls, op: Any, table: str, column: str, *, existing_done: bool) -> None:
-        import sqlalchemy as sa
-
-        if not existing_done:
-            super().add_flag_column(op, table, column, existing_done=False)
-            return
-        # Adding a column with a constant default rewrites nothing (PostgreSQL 11+): existing
-        # rows take the default at ADD time, instantly on any table size; then new rows get
-        # "pending".
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
-        op.alter_column(table, column, server_default=sa.false())
 
     @classmethod
     def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:

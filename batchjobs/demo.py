@@ -44,7 +44,7 @@ def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path =
         Base.metadata.create_all(engine)
         _, revision = migrate(engine)
         with Session(engine) as session, session.begin():
-            first_id = session.scalar(select(func.coalesce(func.max(User.id), 0))) + 1
+            first_id = (session.scalar(select(func.max(User.id))) or 0) + 1
             session.execute(
                 insert(User),
                 [

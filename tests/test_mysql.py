@@ -95,29 +95,6 @@ def test_a_table_without_a_pending_index_is_still_walked(mysql_engine: Engine, b
     assert all(processed(mysql_engine).values())
 
 
-def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(mysql_engine: Engine, behaviour: jobapp.Behaviour) -> None:
-    """SKIP LOCKED passes a row another transaction holds; once that lets go, the same run takes it."""
-    engine = mysql_engine
-    add_items(engine, 30)
-    handled: list[int] = []
-    registry = Registry()
-    holder = engine.connect()
-    holder.execute(text("SELECT id FROM items WHERE id = 5 FOR UPDATE"))
-
-    @registry.flag_job(jobapp.Item.processed, batch_size=10)
-    def note(item: jobapp.Item) -> None:
-        handled.append(item.id)
-        if item.id == 20:
-            holder.rollback()  # the other transaction ends; row 5 is free
-
-    try:
-        summary = run_pending(registry, engine)
-    finally:
-        holder.close()
-    assert summary.done == 30
-    assert handled == [*(i for i in range(1, 31) if i != 5), 5]
-
-
 def _lock_wait(engine: Engine) -> int:
     with engine.connect() as conn:
         return int(conn.exec_driver_sql("SELECT @@SESSION.innodb_lock_wait_timeout").scalar_one())

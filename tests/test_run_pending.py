@@ -193,11 +193,16 @@ def test_rows_passed_by_are_handled_once_the_walk_ends(engine: Engine, behaviour
     assert claims == {"start": 3, "after": 3}, claims
 
 
-def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(pg_engine: Engine, behaviour: jobapp.Behaviour) -> None:
-    """SKIP LOCKED passes a row another transaction holds; once that lets go, the same run takes it."""
+@pytest.mark.parametrize("row_locks", ["pg_engine", "mysql_engine"])
+def test_a_row_locked_during_the_walk_is_handled_once_it_is_free(
+    row_locks: str, request: pytest.FixtureRequest, behaviour: jobapp.Behaviour
+) -> None:
+    """SKIP LOCKED passes a row another transaction holds; once that lets go, the same run takes it.
+
+    On the databases with row locks (SQLite takes the whole database for a chunk)."""
     from batchjobs import Registry
 
-    engine = pg_engine
+    engine: Engine = request.getfixturevalue(row_locks)
     add_items(engine, 30)
     handled: list[int] = []
     registry = Registry()

@@ -133,14 +133,16 @@ def test_the_url_wins_over_create_engines_option(frozen_port: int, monkeypatch: 
 # -- prepared statements -------------------------------------------------------------------------------
 
 
-def _prepared_on_server(url: str) -> int:
-    """How many statements the server holds prepared after one connection ran one query 10 times."""
+def _prepared_on_server(url: str) -> tuple[int, int | None]:
+    """How many statements the server holds prepared after one connection ran one query 10 times,
+    and that connection's psycopg prepare_threshold."""
     engine = create_engine(url)
     try:
         with engine.connect() as connection:
             for n in range(10):
                 connection.execute(text("SELECT :n + 1"), {"n": n})
-            return int(connection.scalar(text("SELECT count(*) FROM pg_prepared_statements")) or 0)
+            prepared = int(connection.scalar(text("SELECT count(*) FROM pg_prepared_statements")) or 0)
+            return prepared, connection.connection.driver_connection.prepare_threshold  # type: ignore[union-attr]
     finally:
         engine.dispose()
 
@@ -149,15 +151,22 @@ def _with_threshold(url: str, value: str) -> str:
     return make_url(url).update_query_dict({"prepare_threshold": value}).render_as_string(hide_password=False)
 
 
-def test_nothing_is_prepared_on_the_server_by_default(pg_url: str) -> None:
-    assert _prepared_on_server(pg_url) == 0
-    assert _prepared_on_server(_with_threshold(pg_url, "none")) == 0
-    assert _prepared_on_server(_with_threshold(pg_url, "")) == 0
+def test_a_direct_connection_prepares_statements_as_psycopg_does(pg_url: str) -> None:
+    # Nothing between the tests and PostgreSQL: the embedded server over its Unix socket, or a
+    # server of BATCHJOBS_TEST_POSTGRES_URL over TCP.
+    prepared, threshold = _prepared_on_server(pg_url)
+    assert threshold == 5
+    assert prepared > 0
+
+
+def test_a_url_that_says_none_prepares_nothing(pg_url: str) -> None:
+    assert _prepared_on_server(_with_threshold(pg_url, "none")) == (0, None)
+    assert _prepared_on_server(_with_threshold(pg_url, "None")) == (0, None)
 
 
 def test_a_url_prepare_threshold_reaches_psycopg_as_a_number(pg_url: str) -> None:
     # Prepared from the first run on; as text psycopg would fail comparing it to a count.
-    assert _prepared_on_server(_with_threshold(pg_url, "0")) > 0
+    assert _prepared_on_server(_with_threshold(pg_url, "0"))[0] > 0
 
 
 def test_a_bad_prepare_threshold_is_one_line_before_connecting() -> None:
@@ -261,6 +270,11 @@ ignore_startup_parameters = extra_float_digits
             bouncer.wait()
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_nothing_is_prepared_through_pgbouncer(pgbouncer_url: str) -> None:
+    # The pooler's clients are not the server's: the connection keeps psycopg from preparing.
+    assert _prepared_on_server(pgbouncer_url)[1] is None
 
 
 def test_concurrent_runs_through_pgbouncer_handle_each_row_once(pgbouncer_url: str, pg_engine: Engine, tmp_path: Path) -> None:

@@ -128,8 +128,8 @@ def test_the_server_reuses_the_claim_plan(pg_engine: Engine) -> None:
     try:
         driver = raw.driver_connection
         assert driver is not None
-        # batchjobs' engines prepare nothing by default (see the README on poolers); a server
-        # that does prepare must still find a generic plan for the claim.
+        # batchjobs' engines prepare statements on a direct connection (nothing behind a pooler,
+        # see the README); the server must then find a generic plan for the claim.
         threshold, driver.prepare_threshold = driver.prepare_threshold, 5
         # The server tries a custom plan five times before it considers the generic one.
         for after in range(0, 1000, 100):

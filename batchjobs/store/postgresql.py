@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 from collections.abc import Iterable, Sequence
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -36,6 +40,10 @@ from batchjobs.store.base import KEYS, Listener, Store
 
 #: The channel batchjobs' triggers notify and workers LISTEN on; the payload is the table's name.
 CHANNEL = "batchjobs"
+#: Connection record info key: whether the URL or connect_args set prepare_threshold.
+_THRESHOLD_CHOSEN = "batchjobs_prepare_threshold_chosen"
+#: psycopg's own default: a statement is prepared on the server after its fifth run.
+PREPARE_AFTER = 5
 
 
 def _quote(name: str) -> str:
@@ -46,6 +54,59 @@ def _quote(name: str) -> str:
 def _trigger(flag: str, kind: str) -> str:
     # Trigger names are per table, so the flag column tells a table's triggers apart.
     return f"batchjobs_{flag}_{kind}"[:63]
+
+
+def _prepare_when_direct(dbapi_connection: Any, record: Any) -> None:
+    """Let psycopg prepare statements again on a connection that reaches PostgreSQL itself.
+
+    Prepared statements spare the server parsing and planning each claim, a good part of a
+    chunk's time; only a pooler between client and server makes them unsafe. Whatever cannot be
+    told keeps the safe side: nothing prepared.
+    """
+    if record.info.get(_THRESHOLD_CHOSEN, True):
+        return
+    import psycopg
+
+    try:
+        direct = _reaches_server_directly(dbapi_connection)
+        dbapi_connection.rollback()
+    except (OSError, psycopg.Error):
+        return
+    if direct:
+        dbapi_connection.prepare_threshold = PREPARE_AFTER
+
+
+def _reaches_server_directly(dbapi_connection: Any) -> bool:
+    """Whether this connection's socket leads to the server process itself, not to a pooler.
+
+    Over TCP the server sees a direct client's socket as its peer: the address and port it
+    reports for this session are this socket's own; through a pooler or a proxy they are the
+    pooler's. Over a Unix socket (Linux) the peer is the process that listens, the postmaster,
+    whose child this session's backend is; through a pooler it is the pooler.
+    """
+    # A duplicate of the descriptor: a socket object made from the original would close it.
+    with socket.socket(fileno=os.dup(dbapi_connection.pgconn.socket)) as sock:
+        family = sock.family
+        local = sock.getsockname() if family in (socket.AF_INET, socket.AF_INET6) else None
+        peer_pid = 0
+        if family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+            peer_pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT host(client_addr), client_port, pid FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+        seen = cursor.fetchone()
+    if seen is None:
+        return False
+    address, port, backend_pid = seen
+    if local is not None:
+        return address is not None and (ip_address(address), port) == (ip_address(local[0]), local[1])
+    if peer_pid <= 0:
+        return False  # no Unix socket, or its listener is not visible from here (another container)
+    try:
+        # /proc/<pid>/stat: "pid (name) state ppid ..."; the name may hold spaces, not ")".
+        parent = int(Path(f"/proc/{backend_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return parent == peer_pid
 
 
 class _Listener:
@@ -211,6 +272,8 @@ END $$""",
             return  # another driver has its own names for both settings below
         # Checked now, so that a mistyped URL fails before anything runs, not at the first connect.
         cls.prepare_threshold(engine.url.query.get("prepare_threshold"))
+        # An empty value in the URL (?prepare_threshold=) never reaches connect's parameters.
+        chosen_in_url = "prepare_threshold" in engine.url.query
         timeout = connect_timeout
 
         @event.listens_for(engine, "do_connect")
@@ -222,9 +285,14 @@ END $$""",
                 cparams["connect_timeout"] = timeout
             # psycopg prepares a statement on the server after its fifth run. Behind a pooler in
             # transaction mode (pgbouncer) the next transaction may run on another server
-            # connection, where that name is unknown or is another client's statement; so nothing
-            # is prepared unless asked for. A URL's value arrives as text, which psycopg would keep.
+            # connection, where that name is unknown or is another client's statement; so a new
+            # connection prepares nothing until it is known to reach the server directly (see
+            # _prepare_when_direct), unless the URL or connect_args chose. A URL's value arrives
+            # as text, which psycopg would keep.
+            _record.info[_THRESHOLD_CHOSEN] = chosen_in_url or "prepare_threshold" in cparams
             cparams["prepare_threshold"] = cls.prepare_threshold(cparams.get("prepare_threshold"))
+
+        event.listen(engine, "connect", _prepare_when_direct)
 
     @staticmethod
     def prepare_threshold(value: Any) -> int | None:

@@ -103,10 +103,14 @@ class HandlerCalls:
                     session.in_handler = False
             if limit is not None and limit.expired:
                 raise limit.error()  # the handler swallowed the cancelled statement's error
-            # Each of these is a set of what changed, empty for a handler that only read: cheap
-            # enough for once per row.
+            # What a handler that only read leaves empty. check_modified() is the identity map's
+            # own flag for objects with changed attributes: unlike session.dirty it does not
+            # compare every modified object's history, and a no-op change only costs a flush.
             if session is not None and (
-                self.statements.count != executed or session.new or session.dirty or session.deleted
+                self.statements.count != executed
+                or session.identity_map.check_modified()
+                or session.new
+                or session.deleted
             ):
                 session.flush()
                 if self.store.in_failed_transaction(self.dbapi_connection):

@@ -100,3 +100,17 @@ def test_page_examples_run(page: Path, tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, f"{page.name} failed:\n{result.stdout}{result.stderr}"
+
+
+def test_api_reference_covers_every_public_name() -> None:
+    import batchjobs
+
+    reference = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: batchjobs\.(\w+)$", reference, re.MULTILINE))
+    assert set(batchjobs.__all__) - documented == set()
+
+
+def test_nav_lists_every_page() -> None:
+    nav = (DOCS.parent / "mkdocs.yml").read_text(encoding="utf-8")
+    listed = set(re.findall(r":\s*([\w/-]+\.md)\s*$", nav, re.MULTILINE))
+    assert {str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md")} == listed

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,27 @@ def test_nav_lists_every_page() -> None:
     nav = (DOCS.parent / "mkdocs.yml").read_text(encoding="utf-8")
     listed = set(re.findall(r":\s*([\w/-]+\.md)\s*$", nav, re.MULTILINE))
     assert {str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md")} == listed
+
+
+def test_console_commands_use_real_options() -> None:
+    """Every `$ batchjobs ...` line of the docs names a real command with real options."""
+    from click.testing import CliRunner
+
+    from batchjobs.cli import main
+
+    console = re.compile(r"^```console\n(.*?)^```", re.MULTILINE | re.DOTALL)
+    checked, wrong = 0, []
+    for page in sorted(DOCS.rglob("*.md")):
+        for block in console.findall(page.read_text(encoding="utf-8")):
+            for line in block.splitlines():
+                if not line.startswith("$ batchjobs "):
+                    continue
+                words = shlex.split(line[2:].split("  #")[0])
+                # --help is eager: the command line is parsed (unknown commands and options fail),
+                # then help is printed instead of running anything.
+                result = CliRunner().invoke(main, [*words[1:], "--help"])
+                checked += 1
+                if result.exit_code != 0:
+                    wrong.append(f"{page.name}: {line}: {result.output.strip().splitlines()[-1]}")
+    assert checked >= 30
+    assert wrong == []

@@ -139,4 +139,4 @@ def test_console_commands_use_real_options() -> None:
                 if result.exit_code != 0:
                     wrong.append(f"{page.name}: {line}: {result.output.strip().splitlines()[-1]}")
     assert checked >= 30
-    assert wrong == []
+    assert not wrong, "\n".join(wrong)

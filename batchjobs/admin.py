@@ -115,6 +115,8 @@ def preview_change(
 
 @dataclass
 class ChangeResult:
+    """What :func:`change_rows` did: rows changed, failure records cleared, chunks committed."""
+
     rows: int = 0
     failures_cleared: int = 0
     chunks: int = 0

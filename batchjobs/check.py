@@ -74,12 +74,18 @@ NO_LIMIT = Threshold(None, None)
 
 @dataclass
 class CheckResult:
+    """The outcome of :func:`run_check`: the exit code, what was found, and Nagios performance data.
+
+    ``code`` is 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN; :meth:`line` is what `batchjobs check` prints.
+    """
+
     code: int
     summary: str
     problems: list[str]
     perfdata: list[str]
 
     def line(self) -> str:
+        """The one line `batchjobs check` prints: state, problems or summary, then perfdata after ``|``."""
         text = "; ".join(self.problems) if self.problems else self.summary
         return f"BATCHJOBS {STATE_NAMES[self.code]} - {text} | {' '.join(self.perfdata)}".rstrip(" |")
 

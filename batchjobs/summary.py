@@ -10,6 +10,8 @@ from batchjobs.timeutil import format_duration
 
 @dataclass
 class JobStats:
+    """One job's rows in a run: handled (``done``) and failed."""
+
     done: int = 0
     failed: int = 0
 

@@ -2,7 +2,7 @@
 
 Both helpers go through the production code path (claim, handler, mark done), only right away
 and in the test's process. The database needs batchjobs' tables: call
-``batchjobs.migrate.migrate(engine)`` in your test setup.
+``batchjobs.migrate(engine)`` (``from batchjobs import migrate``) in your test setup.
 """
 
 from __future__ import annotations

@@ -8,11 +8,15 @@ one, and die on it again.
 So before a chunk's handlers run, the worker writes down which rows they are about to handle in
 a marker file of its own (:class:`InflightMarker`): a write to the operating system's page cache,
 which outlives the process, and costs no database round trip. A run that starts later on the
-same host and finds the marker of a worker that is gone (its process no longer exists, or it
-ended with an error) counts one attempt and one crash for each of those rows that is still
+same host and finds the marker of a worker that is gone counts one attempt and one crash for each of those rows that is still
 pending and has no failure recorded since: rows the worker finished are done, rows that failed
 have their record. Markers are per host: cron runs on every host, so each host's next run counts
 its own crashes.
+
+A worker holds a lock on its marker file for as long as it works (``flock``; the kernel lets go
+of it when the process ends, however it ends). A marker nobody holds is a worker gone, or one
+that ended with an error and closed it. Process ids would not tell: a worker that is a
+container's main process is pid 1 again after every restart.
 
 Rows with a crash are suspects: claims leave them out of ordinary chunks, and each runs later in
 a chunk of its own, so a bad row can no longer take good ones with it, and the good ones get
@@ -21,19 +25,20 @@ through. A row that crashed ``max_crashes`` times is dead, with a reason that sa
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from batchjobs.failures import RowFailure
-from batchjobs.history import process_exists
 from batchjobs.registry import Registry
 from batchjobs.store import Store
 
@@ -69,8 +74,14 @@ class InflightMarker:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = folder / f"{os.getpid()}-{threading.get_ident()}.json"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Unique even where process ids repeat (containers sharing the folder, restarts as pid 1).
+        self.path = folder / f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:12]}.json"
+        # Locked before it appears under its name, so that no run ever finds it unlocked and takes
+        # it for a dead worker's. The lock is held while this worker works.
+        unlisted = self.path.with_suffix(".new")
+        self.fd = os.open(unlisted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.rename(unlisted, self.path)
 
     def _write(self, data: dict[str, Any]) -> None:
         # One write at offset 0, then cut what a longer earlier marker left behind.
@@ -82,18 +93,12 @@ class InflightMarker:
         self._write({"pid": os.getpid(), "job": job, "row_keys": list(row_keys), "started_at": now.isoformat()})
 
     def close(self, *, ended_well: bool) -> None:
-        """A worker that ended well removes its marker; one that ended with an error flags it, so
-        that the next run counts its rows although this process may live on (a thread pool)."""
+        """A worker that ended well removes its marker; one that ended with an error leaves it,
+        unlocked, so that the next run counts its rows although this process may live on (a
+        thread pool)."""
         try:
             if ended_well:
                 self.path.unlink(missing_ok=True)
-            else:
-                with open(self.path, "rb") as current:
-                    data = json.loads(current.read() or b"{}")
-                if data:
-                    self._write({**data, "abandoned": True})
-        except (OSError, ValueError):
-            pass  # nothing to count then
         finally:
             os.close(self.fd)
 
@@ -101,22 +106,27 @@ class InflightMarker:
 def _take(path: Path) -> dict[str, Any] | None:
     """Read and remove an abandoned marker; None for a live worker's, or one another run took."""
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not data.get("abandoned") and process_exists(int(data.get("pid", 0))):
-        return None
-    taken = path.with_name(f"{path.name}.taken-{os.getpid()}")
-    try:
-        os.rename(path, taken)  # atomic: of two runs accounting at once, one gets it
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
     try:
-        return dict(json.loads(taken.read_bytes()))
-    except (OSError, ValueError):
-        return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # its worker is still at work
+        taken = path.with_name(f"{path.name}.taken-{os.getpid()}")
+        try:
+            os.rename(path, taken)  # atomic: of two runs accounting at once, one gets it
+        except FileNotFoundError:
+            return None
+        try:
+            return dict(json.loads(taken.read_bytes()))
+        except (OSError, ValueError):
+            return None
+        finally:
+            taken.unlink(missing_ok=True)
     finally:
-        taken.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def account_abandoned(store: Store, registry: Registry, now: datetime) -> int:

@@ -7,13 +7,15 @@ a chunk whose connection the server ends, a table a migration keeps locked.
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import jobapp
+import pytest
 import sqlalchemy
-from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
+from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
@@ -53,6 +55,27 @@ def test_a_row_that_kills_its_process_dies_and_the_rest_get_through(engine: Engi
     shown = run_cli("-A", "jobapp:jobs", "show-failure", "process_item", "50", env=env)
     assert shown.returncode == 0 and "batchjobs.Crashed" in shown.stdout, shown.stderr
     assert "row 50: 3 attempt(s) (3 ended their worker), dead" in shown.stdout
+
+
+def test_a_worker_that_is_pid_1_of_a_container_has_its_crashes_counted(engine: Engine, tmp_path: Path) -> None:
+    """Every run is pid 1 of a pid namespace of its own, as a worker restarted in a container is:
+    its dead predecessor's marker names the same pid, which is alive (it is the run itself)."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a pid namespace here (unshare: {probe.stderr.decode().strip() or probe.returncode})")
+    add_items(engine, 20)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine), JOBAPP_EFFECTS=str(effects_file), JOBAPP_KILL="10")
+    as_pid_1 = ["unshare", "--pid", "--fork", "--mount-proc", BATCHJOBS, "-A", "jobapp:jobs"]
+    for _ in range(6):
+        result = subprocess.run([*as_pid_1, "run-pending", "--queue", "items", "--batch-size", "20"], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode in (0, 137), result.stderr
+
+    done = processed(engine)
+    assert sorted(key for key, is_done in done.items() if not is_done) == [10]
+    pill = failure(engine, "10")
+    assert pill is not None and pill.dead and pill.crashes == 3, pill
+    assert Counter(effects(effects_file))[10] == 3
 
 
 def test_a_chunk_whose_connection_the_server_ends_is_counted(pg_engine: Engine, tmp_path: Path) -> None:

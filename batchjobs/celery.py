@@ -60,6 +60,7 @@ def install(
     queues: Sequence[str] = (),
     batch_size: int | None = None,
     prefix: str = "batchjobs",
+    queue_prefix: str = "",
 ) -> CeleryJobs:
     """Register batchjobs' tasks in ``app``, route them by queue, and schedule the sweeps in beat.
 
@@ -69,6 +70,8 @@ def install(
     every ``sweep_every`` seconds (None: no beat entries), each sweep stopping to take rows after
     ``sweep_budget`` seconds (default: nine tenths of ``sweep_every``), so that sweeps do not
     pile up. Task names start with ``prefix``: ``batchjobs.sweep`` and ``batchjobs.run_rows``.
+    Each task goes to the Celery queue named ``queue_prefix`` + its batchjobs queue (several apps
+    on one broker keep apart with a prefix each).
     """
     if sweep_every is not None and sweep_every <= 0:
         raise BatchJobsError("the sweep interval must be more than 0 seconds, e.g. 60")
@@ -77,7 +80,8 @@ def install(
         raise BatchJobsError("the sweep budget must be more than 0 seconds")
     swept = list(queues) or registry.queues
     registry.select(queues=swept)  # an unknown queue is one clear error, now rather than in beat
-    installed = CeleryJobs(app, registry, _Engines(registry, engine, database_url), budget, batch_size, prefix)
+    engines = _Engines(registry, engine, database_url)
+    installed = CeleryJobs(app, registry, engines, budget, batch_size, prefix, queue_prefix)
     if sweep_every is not None:
         schedule = dict(app.conf.beat_schedule or {})
         for queue in swept:
@@ -86,7 +90,7 @@ def install(
                 "schedule": float(sweep_every),
                 "kwargs": {"queue": queue},
                 # A sweep that waited longer than the interval is stale: the next one is on its way.
-                "options": {"queue": queue, "expires": float(sweep_every)},
+                "options": {"queue": queue_prefix + queue, "expires": float(sweep_every)},
             }
         app.conf.beat_schedule = schedule
     # After the app's own routes: a route the app gives batchjobs' tasks wins.
@@ -124,15 +128,37 @@ class CeleryJobs:
     """batchjobs' tasks in one Celery app: what :func:`install` returns."""
 
     def __init__(
-        self, app: Celery, registry: Registry, engines: _Engines, budget: float, batch_size: int | None, prefix: str
+        self,
+        app: Celery,
+        registry: Registry,
+        engines: _Engines,
+        budget: float,
+        batch_size: int | None,
+        prefix: str,
+        queue_prefix: str,
     ) -> None:
         self.app = app
+        self.queue_prefix = queue_prefix
         self.registry = registry
         self.engines = engines
         self.budget = budget
         self.batch_size = batch_size
-        self.sweep = app.task(name=f"{prefix}.sweep", bind=True, shared=False)(self._sweep)
-        self.run_rows = app.task(name=f"{prefix}.run_rows", bind=True, shared=False)(self._run_rows)
+
+        # Plain functions with the task first: Celery checks the arguments against their signature.
+        def sweep(task: Any, queue: str | None = None, job: str | None = None) -> dict[str, Any]:
+            """Run pending rows of one queue (or job, or all jobs) for at most the sweep budget."""
+            return self._sweep(task, queue, job)
+
+        def run_rows(task: Any, job: str, keys: Sequence[Any]) -> dict[str, Any]:
+            """Handle these rows of ``job`` that are pending and free; the others are someone else's, or done."""
+            return self._run_rows(task, job, keys)
+
+        self.sweep = app.task(name=f"{prefix}.sweep", bind=True, shared=False)(sweep)
+        self.run_rows = app.task(name=f"{prefix}.run_rows", bind=True, shared=False)(run_rows)
+
+    def queue(self, job: str) -> str:
+        """The Celery queue of a job's tasks."""
+        return self.queue_prefix + self.registry.job(job).queue
 
     def engine(self) -> Engine:
         """The engine tasks use in this process."""
@@ -140,8 +166,7 @@ class CeleryJobs:
 
     # -- the tasks ----------------------------------------------------------------------------------
 
-    def _sweep(self, task: Any, queue: str | None = None, job: str | None = None) -> dict[str, Any]:
-        """Run pending rows of one queue (or job, or all jobs) for at most the sweep budget."""
+    def _sweep(self, task: Any, queue: str | None, job: str | None) -> dict[str, Any]:
         summary = run_pending(
             self.registry,
             self.engine(),
@@ -156,7 +181,6 @@ class CeleryJobs:
         return summary.as_json()
 
     def _run_rows(self, task: Any, job: str, keys: Sequence[Any]) -> dict[str, Any]:
-        """Handle these rows of ``job`` that are pending and free; the others are someone else's, or done."""
         summary = run_rows(self.registry, self.engine(), job, keys, raise_errors=self._propagates(task))
         return summary.as_json()
 
@@ -174,11 +198,11 @@ class CeleryJobs:
             queue = kwargs.get("queue") or (args[0] if args else None)
             job = kwargs.get("job") or (args[1] if len(args) > 1 else None)
             if queue:
-                return {"queue": queue}
-            return {"queue": self.registry.job(job).queue} if job else None
+                return {"queue": self.queue_prefix + queue}
+            return {"queue": self.queue(job)} if job in self.registry.jobs else None
         if name == self.run_rows.name:
             job = kwargs.get("job") or (args[0] if args else None)
-            return {"queue": self.registry.job(job).queue} if job in self.registry.jobs else None
+            return {"queue": self.queue(job)} if job in self.registry.jobs else None
         return None
 
     # -- dispatch -----------------------------------------------------------------------------------
@@ -190,15 +214,15 @@ class CeleryJobs:
         lost leaves the rows to the next sweep, so a broker that cannot be reached is one warning
         line, not an error (except in eager mode, where the tasks run here and now).
         """
-        flag_job = self.registry.job(job)
+        queue = self.queue(job)
         values = [str(key) if not isinstance(key, (int, str)) else key for key in keys]
         for start in range(0, len(values), KEYS_PER_MESSAGE):
             batch = values[start : start + KEYS_PER_MESSAGE]
             if self.app.conf.task_always_eager:
-                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=flag_job.queue)
+                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=queue)
                 continue
             try:
-                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=flag_job.queue)
+                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=queue)
             except Exception as error:  # noqa: BLE001 - the rows stay pending; the sweep takes them
                 logger.warning(
                     "job %s: could not send %d row(s) to Celery (%s: %s); the next sweep handles them",

@@ -190,10 +190,10 @@ class CeleryJobs:
         return bool(task.request.is_eager and self.app.conf.task_eager_propagates)
 
     def route(
-        self, name: str, args: Sequence[Any], kwargs: dict[str, Any] | None, options: Any, task: Any = None, **_: Any
+        self, name: str, args: Sequence[Any] | None, kwargs: dict[str, Any] | None, options: Any, task: Any = None, **_: Any
     ) -> Any:
         """Celery router: each task goes to the Celery queue named as its batchjobs queue."""
-        kwargs = kwargs or {}
+        args, kwargs = args or (), kwargs or {}
         if name == self.sweep.name:
             queue = kwargs.get("queue") or (args[0] if args else None)
             job = kwargs.get("job") or (args[1] if len(args) > 1 else None)

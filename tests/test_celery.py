@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import jobapp
@@ -172,6 +173,7 @@ class Cluster:
         return found
 
 
+@contextmanager
 def _cluster(engine: Engine, tmp_path: Path, broker: str, backend: str | None) -> Iterator[Cluster]:
     cluster = Cluster(engine, tmp_path, broker, backend)
     try:
@@ -183,7 +185,8 @@ def _cluster(engine: Engine, tmp_path: Path, broker: str, backend: str | None) -
 
 @pytest.fixture
 def cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
-    yield from _cluster(pg_engine, tmp_path, redis_url, redis_url)
+    with _cluster(pg_engine, tmp_path, redis_url, redis_url) as started:
+        yield started
 
 
 def done_count(engine: Engine) -> int:
@@ -215,7 +218,7 @@ def test_every_row_once_with_dispatch_and_sweeps_together(cluster: Cluster) -> N
 
 
 def test_every_row_once_on_rabbitmq(pg_engine: Engine, tmp_path: Path, rabbitmq_url: str) -> None:
-    for cluster in _cluster(pg_engine, tmp_path, rabbitmq_url, "rpc://"):
+    with _cluster(pg_engine, tmp_path, rabbitmq_url, "rpc://") as cluster:
         _exactly_once(cluster, rows=2000)
 
 
@@ -253,7 +256,7 @@ def test_a_killed_worker_loses_nothing(cluster: Cluster) -> None:
 
 
 def test_purged_messages_are_finished_by_the_next_sweep_from_beat(pg_engine: Engine, tmp_path: Path, redis_url: str) -> None:
-    for cluster in _cluster(pg_engine, tmp_path, redis_url, redis_url):
+    with _cluster(pg_engine, tmp_path, redis_url, redis_url) as cluster:
         with Session(cluster.engine) as session:
             cluster.jobs.dispatch_on_commit(session)
             for start in range(1, 201, 20):

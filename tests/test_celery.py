@@ -255,6 +255,24 @@ def test_a_killed_worker_loses_nothing(cluster: Cluster) -> None:
         assert session.scalars(select(Failure.row_key)).all() == []  # cleared by its success
 
 
+def test_a_warm_shutdown_lets_the_running_sweep_finish_its_rows(cluster: Cluster) -> None:
+    rows, blocked = 120, 30
+    signals = cluster.tmp_path / "signals"
+    signals.mkdir()
+    with cluster.engine.begin() as connection:
+        connection.execute(insert(jobapp.Item), [{"id": i} for i in range(1, rows + 1)])
+    worker = cluster.start(JOBAPP_BLOCK_ON=str(blocked), JOBAPP_SIGNAL_DIR=str(signals))
+    cluster.sweep()
+    wait_for(lambda: (signals / f"reached-{blocked}").exists(), f"row {blocked} to be in progress", worker)
+    worker.send_signal(signal.SIGTERM)  # the main process only: Celery's warm shutdown
+    wait_for(lambda: "shutdown" in cluster.log(0).lower(), "the worker to begin its warm shutdown", worker)
+    (signals / f"release-{blocked}").touch()
+    assert worker.wait(timeout=60) == 0
+    # The sweep ran to its end before the worker exited: every row once, none half-done.
+    assert Counter(effects(cluster.effects)) == Counter(range(1, rows + 1))
+    assert done_count(cluster.engine) == rows
+
+
 def test_purged_messages_are_finished_by_the_next_sweep_from_beat(pg_engine: Engine, tmp_path: Path, redis_url: str) -> None:
     with _cluster(pg_engine, tmp_path, redis_url, redis_url) as cluster:
         with Session(cluster.engine) as session:

@@ -90,7 +90,8 @@ def install(
                 "schedule": float(sweep_every),
                 "kwargs": {"queue": queue},
                 # A sweep that waited longer than the interval is stale: the next one is on its way.
-                "options": {"queue": queue_prefix + queue, "expires": float(sweep_every)},
+                # No queue here: the router (or a route of the app's) chooses it, as for every send.
+                "options": {"expires": float(sweep_every)},
             }
         app.conf.beat_schedule = schedule
     # After the app's own routes: a route the app gives batchjobs' tasks wins.
@@ -214,15 +215,15 @@ class CeleryJobs:
         lost leaves the rows to the next sweep, so a broker that cannot be reached is one warning
         line, not an error (except in eager mode, where the tasks run here and now).
         """
-        queue = self.queue(job)
+        self.registry.job(job)  # an unknown job is one clear error
         values = [str(key) if not isinstance(key, (int, str)) else key for key in keys]
         for start in range(0, len(values), KEYS_PER_MESSAGE):
             batch = values[start : start + KEYS_PER_MESSAGE]
             if self.app.conf.task_always_eager:
-                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=queue)
+                self.run_rows.apply_async(kwargs={"job": job, "keys": batch})
                 continue
             try:
-                self.run_rows.apply_async(kwargs={"job": job, "keys": batch}, queue=queue)
+                self.run_rows.apply_async(kwargs={"job": job, "keys": batch})
             except Exception as error:  # noqa: BLE001 - the rows stay pending; the sweep takes them
                 logger.warning(
                     "job %s: could not send %d row(s) to Celery (%s: %s); the next sweep handles them",

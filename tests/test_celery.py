@@ -189,6 +189,12 @@ def cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterator[Clust
         yield started
 
 
+@pytest.fixture(params=["postgresql", "mysql"])
+def server_engine(request: pytest.FixtureRequest) -> Engine:
+    """A database that several worker processes share: PostgreSQL, and MySQL/MariaDB where one is given."""
+    return request.getfixturevalue("pg_engine" if request.param == "postgresql" else "mysql_engine")  # type: ignore[no-any-return]
+
+
 def done_count(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(connection.scalar(select(func.count()).where(jobapp.Item.processed.is_(True))) or 0)
@@ -213,8 +219,9 @@ def _exactly_once(cluster: Cluster, rows: int = 5000, per_commit: int = 50) -> N
     assert all("batchjobs.run_rows" in cluster.log(i) for i in (0, 1))
 
 
-def test_every_row_once_with_dispatch_and_sweeps_together(cluster: Cluster) -> None:
-    _exactly_once(cluster)
+def test_every_row_once_with_dispatch_and_sweeps_together(server_engine: Engine, tmp_path: Path, redis_url: str) -> None:
+    with _cluster(server_engine, tmp_path, redis_url, redis_url) as cluster:
+        _exactly_once(cluster)
 
 
 def test_every_row_once_on_rabbitmq(pg_engine: Engine, tmp_path: Path, rabbitmq_url: str) -> None:
@@ -222,7 +229,8 @@ def test_every_row_once_on_rabbitmq(pg_engine: Engine, tmp_path: Path, rabbitmq_
         _exactly_once(cluster, rows=2000)
 
 
-def test_a_killed_worker_loses_nothing(cluster: Cluster) -> None:
+@pytest.mark.parametrize("how", ["kill -9", "cold shutdown"])
+def test_a_killed_worker_loses_nothing(cluster: Cluster, how: str) -> None:
     rows, blocked = 300, 150
     signals = cluster.tmp_path / "signals"
     signals.mkdir()
@@ -233,8 +241,11 @@ def test_a_killed_worker_loses_nothing(cluster: Cluster) -> None:
     cluster.sweep()
     wait_for(lambda: (signals / f"reached-{blocked}").exists(), f"row {blocked} to be in progress", first)
     doomed = cluster.pids(first)
-    cluster.kill(first)  # kill -9 of the worker and its pool, mid-task
-    first.wait(timeout=15)
+    if how == "kill -9":
+        cluster.kill(first)  # the worker and its pool, mid-task
+    else:
+        first.send_signal(signal.SIGQUIT)  # Celery's cold shutdown: the pool is terminated mid-task
+    first.wait(timeout=30)
     assert not done_count(cluster.engine) == rows
 
     cluster.start(**env)
@@ -346,8 +357,21 @@ def test_install_routes_each_queue_and_schedules_its_sweep() -> None:
     assert sorted(app.conf.beat_schedule) == ["batchjobs-sweep-items", "batchjobs-sweep-mail", "batchjobs-sweep-media"]
     entry = app.conf.beat_schedule["batchjobs-sweep-mail"]
     assert entry["task"] == "batchjobs.sweep" and entry["schedule"] == 30.0
-    assert entry["kwargs"] == {"queue": "mail"} and entry["options"]["queue"] == "p-mail"
+    assert entry["kwargs"] == {"queue": "mail"} and entry["options"] == {"expires": 30.0}
     router = app.amqp.router
     assert router.route({}, "batchjobs.sweep", kwargs={"queue": "media"})["queue"].name == "p-media"
     assert router.route({}, "batchjobs.run_rows", kwargs={"job": "send_receipt", "keys": [1]})["queue"].name == "p-mail"
     assert {"batchjobs.sweep", "batchjobs.run_rows"} <= set(app.tasks)
+
+
+def test_a_route_the_app_gives_batchjobs_tasks_wins() -> None:
+    from celery import Celery
+
+    from batchjobs.celery import install
+
+    app = Celery("routed", broker="memory://", set_as_current=False)
+    app.conf.task_routes = {"batchjobs.run_rows": {"queue": "fast"}}
+    install(app, jobapp.jobs)
+    router = app.amqp.router
+    assert router.route({}, "batchjobs.run_rows", kwargs={"job": "send_receipt", "keys": [1]})["queue"].name == "fast"
+    assert router.route({}, "batchjobs.sweep", kwargs={"queue": "mail"})["queue"].name == "mail"

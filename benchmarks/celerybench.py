@@ -273,8 +273,8 @@ def _handled(path: Path) -> int:
 
 
 def celery_scenario(server: Any, report: Any, plain_rows: int, batchjobs_rows: int, samples: int) -> None:
-    """Section 6 of run.py: drain ratio against plain Celery, and dispatch latency."""
-    section = "6. Celery, two workers x 2 processes, Redis"
+    """Section 8 of run.py: drain ratio against plain Celery, and dispatch latency."""
+    section = "8. Celery, two workers x 2 processes, Redis"
     if shutil.which("redis-server") is None and not os.path.exists("/usr/bin/redis-server") and not _answers(6379):
         report.add(section, "skipped: no redis-server installed and no Redis at 127.0.0.1:6379", "")
         return

@@ -976,7 +976,7 @@ def server_url(database_url: str | None) -> Iterator[str]:
             yield url
 
 
-# --- 6: Celery -----------------------------------------------------------------------------------------
+# --- 8: Celery -----------------------------------------------------------------------------------------
 
 
 def celery_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:

@@ -261,8 +261,10 @@ class CeleryJobs:
             for name, keys in session.info.pop(_FLUSHED, {}).items():
                 committed.setdefault(name, set()).update(keys)
 
-        def after_soft_rollback(session: Session, _previous: Any) -> None:
-            session.info.pop(_FLUSHED, None)
+        def after_soft_rollback(session: Session, previous: Any) -> None:
+            # A savepoint's rollback keeps the keys: its rows are not pending, and run_rows sees that.
+            if previous.parent is None:
+                session.info.pop(_FLUSHED, None)
 
         def after_transaction_end(session: Session, transaction: Any) -> None:
             # Sent once the transaction is closed, so that the session stays usable if an eager

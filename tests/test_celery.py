@@ -375,3 +375,36 @@ def test_a_route_the_app_gives_batchjobs_tasks_wins() -> None:
     router = app.amqp.router
     assert router.route({}, "batchjobs.run_rows", kwargs={"job": "send_receipt", "keys": [1]})["queue"].name == "fast"
     assert router.route({}, "batchjobs.sweep", kwargs={"queue": "mail"})["queue"].name == "mail"
+
+
+def test_a_broker_that_cannot_be_reached_costs_one_warning_not_the_commit(
+    engine: Engine, behaviour: jobapp.Behaviour, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, jobs = make_app(f"redis://127.0.0.1:{_free_port()}/0", None)  # nothing listens there
+    app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
+    with Session(engine) as session:
+        jobs.dispatch_on_commit(session)
+        session.add(jobapp.Item(id=1))
+        session.commit()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "batchjobs" and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "could not send 1 row(s) to Celery" in warnings[0], warnings
+    assert "the next sweep handles them" in warnings[0]
+    assert processed(engine) == {1: False}  # committed, pending for the next sweep
+    assert effects(behaviour.effects) == []
+
+
+def test_a_savepoint_rolled_back_keeps_the_rest_of_the_transaction_dispatched(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    app, jobs = make_app("memory://", None)
+    app.conf.update(task_always_eager=True, task_eager_propagates=True)
+    jobs.engines.engine = jobs.engines.given = engine
+    with Session(engine) as session:
+        jobs.dispatch_on_commit(session)
+        session.add(jobapp.Item(id=1))
+        session.flush()
+        savepoint = session.begin_nested()
+        session.add(jobapp.Item(id=2))
+        session.flush()
+        savepoint.rollback()
+        session.commit()
+    assert effects(behaviour.effects) == [1]  # row 2 was never committed: its key finds nothing
+    assert processed(engine) == {1: True}

@@ -122,8 +122,8 @@ def _until(condition: Any, what: str, timeout: float, every: float = 0.01) -> No
 
 
 @contextmanager
-def workers(url: URL, broker: str, prefix: str, queues: list[str], tmp: Path, *extra: str) -> Iterator[None]:
-    """Two Celery workers, prefork, concurrency 2, each in a process group of its own."""
+def workers(url: URL, broker: str, prefix: str, queues: list[str], tmp: Path, *extra: str) -> Iterator[list[str]]:
+    """Two Celery workers, prefork, concurrency 2, each in a process group of its own; yields their names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHJOBS_", "CELERYBENCH_"))}
     env.update(
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
@@ -134,12 +134,13 @@ def workers(url: URL, broker: str, prefix: str, queues: list[str], tmp: Path, *e
         **{LATENCY_FILE_ENV: str(tmp / "latency.txt")},
     )
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
+    names = [f"bench{index}-{prefix}@{socket.gethostname()}" for index in range(2)]
     try:
         for index in range(2):
             log = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
             command = [
                 sys.executable, "-m", "celery", "-A", "celerybench", "worker", "--pool", "prefork", "--concurrency", "2",
-                "--queues", ",".join(prefix + queue for queue in queues), "--hostname", f"bench{index}-{prefix}@%h",
+                "--queues", ",".join(prefix + queue for queue in queues), "--hostname", names[index],
                 "--loglevel", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat", *extra,
             ]  # fmt: skip
             with open(log, "wb") as out:
@@ -151,7 +152,7 @@ def workers(url: URL, broker: str, prefix: str, queues: list[str], tmp: Path, *e
             if process.poll() is not None:
                 raise RuntimeError(f"a Celery worker exited ({process.returncode}):\n{log.read_text()}")
         time.sleep(1.0)  # the consumers connect to the broker after the pool has started
-        yield
+        yield names
     finally:
         for process, _ in started:
             _signal_group(process.pid, signal.SIGTERM)
@@ -190,22 +191,29 @@ def _pending(url: URL) -> int:
 
 
 def drain_plain(url: URL, broker: str, rows: int, tmp: Path) -> dict[str, Any]:
-    """Plain Celery: the app sends one task per row; time from the first send to the last row done."""
+    """Plain Celery: a backlog of one task per row waiting in the broker; time from both workers
+    starting to consume it to the last row done."""
     import pg
 
     prefix = f"b{uuid.uuid4().hex[:6]}-"
     pg.load_rows(url, rows, done=False)
     sender, _ = make_app(broker, prefix)
-    with workers(url, broker, prefix, ["plain"], tmp):
-        started = time.perf_counter()
+    # The workers start on a queue of their own, so that the backlog is whole before either
+    # consumes it; then both are told to consume it at once.
+    with workers(url, broker, prefix, ["idle"], tmp) as names:
+        queued = time.perf_counter()
         with sender.producer_or_acquire() as producer:
             for row_id in range(1, rows + 1):
                 sender.send_task("celerybench.plain_row", args=(row_id,), queue=prefix + "plain", producer=producer)
-        sent = time.perf_counter() - started
+        send_seconds = time.perf_counter() - queued
+        started = time.perf_counter()
+        replies = sender.control.add_consumer(prefix + "plain", destination=names, reply=True, timeout=10)
+        if len(replies) != len(names):
+            raise RuntimeError(f"not every worker took the backlog's queue: {replies}")
         _until(lambda: _pending(url) == 0, "plain Celery to drain the backlog", 3600, every=0.05)
         seconds = time.perf_counter() - started
     sender.close()
-    return {"rows": rows, "seconds": seconds, "send_seconds": sent, "rows_per_second": rows / seconds}
+    return {"rows": rows, "seconds": seconds, "send_seconds": send_seconds, "rows_per_second": rows / seconds}
 
 
 def drain_batchjobs(url: URL, broker: str, rows: int, tmp: Path) -> dict[str, Any]:
@@ -285,7 +293,7 @@ def celery_scenario(server: Any, report: Any, plain_rows: int, batchjobs_rows: i
         latency = dispatch_latency(url, broker, samples, tmp)
     speedup = ours["rows_per_second"] / plain["rows_per_second"]
     p50, p99 = latency["p50_seconds"] * 1000, latency["p99_seconds"] * 1000
-    report.add(section, f"plain Celery, one task per row ({plain_rows:,} rows, sending included)", f"{plain['rows_per_second']:,.0f} rows/s", "1.00")
+    report.add(section, f"plain Celery, one task per row ({plain_rows:,} rows waiting in the broker)", f"{plain['rows_per_second']:,.0f} rows/s", "1.00")
     report.add(
         section, f"batchjobs.celery sweeps, plain rows ({batchjobs_rows:,} rows)", f"{ours['rows_per_second']:,.0f} rows/s",
         f"{speedup:.1f}x plain Celery", ">= 50x", "PASS" if speedup >= 50 else "MISS",

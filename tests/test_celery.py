@@ -23,15 +23,17 @@ from pathlib import Path
 
 import jobapp
 import pytest
-from celeryapp import make_app
 from conftest import TESTS, effects, url_of, wait_for
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 from test_run_pending import processed
 
+from batchjobs.errors import BatchJobsError
 from batchjobs.store.tables import Failure
 
-celery = pytest.importorskip("celery", reason="Celery is not installed: pip install 'batchjobs[celery]'")
+pytest.importorskip("celery", reason="Celery is not installed: pip install 'batchjobs[celery]'")
+
+from celeryapp import make_app  # noqa: E402 - needs Celery
 
 ITEMS = "process_item"
 
@@ -406,3 +408,16 @@ def test_a_savepoint_rolled_back_keeps_the_rest_of_the_transaction_dispatched(en
         session.commit()
     assert effects(behaviour.effects) == [1]  # row 2 was never committed: its key finds nothing
     assert processed(engine) == {1: True}
+
+
+def test_install_refuses_a_bad_schedule_or_an_unknown_queue_in_one_line() -> None:
+    from celery import Celery
+
+    from batchjobs.celery import install
+
+    app = Celery("refused", broker="memory://", set_as_current=False)
+    with pytest.raises(BatchJobsError, match="sweep interval must be more than 0"):
+        install(app, jobapp.jobs, sweep_every=0)
+    with pytest.raises(BatchJobsError, match="unknown queue 'nope'"):
+        install(app, jobapp.jobs, queues=["nope"])
+    assert not app.conf.beat_schedule

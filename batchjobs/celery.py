@@ -182,7 +182,9 @@ class CeleryJobs:
         return summary.as_json()
 
     def _run_rows(self, task: Any, job: str, keys: Sequence[Any]) -> dict[str, Any]:
-        summary = run_rows(self.registry, self.engine(), job, keys, raise_errors=self._propagates(task))
+        summary = run_rows(
+            self.registry, self.engine(), job, keys, batch_size=self.batch_size, raise_errors=self._propagates(task)
+        )
         return summary.as_json()
 
     def _propagates(self, task: Any) -> bool:

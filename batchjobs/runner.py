@@ -93,6 +93,7 @@ def run_rows(
     lock_timeout: float = 5.0,
     stop: StopRequest | None = None,
     clock: Callable[[], datetime] = utcnow,
+    batch_size: int | None = None,
     record: bool = False,
     raise_errors: bool = False,
 ) -> RunSummary:
@@ -102,8 +103,9 @@ def run_rows(
     yet committed, held back (backing off, dead, crash suspects) or locked by another run are
     skipped without error, and left to whoever holds them or to the next run. Everything else
     (savepoints, failure records, marks, crash markers, commits) is :func:`run_pending`'s. Keys
-    are primary-key values, or their text as failure records show it. Runs are not kept in the
-    run history unless ``record``: a run of a few rows per commit would crowd out the others.
+    are primary-key values, or their text as failure records show it; they are claimed in chunks
+    of the job's ``batch_size`` (or ``batch_size``). Runs are not kept in the run history unless
+    ``record``: a run of a few rows per commit would crowd out the others.
     """
     flag_job = registry.job(job)
     if lock_timeout <= 0:
@@ -118,7 +120,7 @@ def run_rows(
         return summary
     history = record_run(store, summary, [], clock, keep_for=registry.keep_history, record=record)
     with history, running(registry, store, commit_interval, lock_timeout, stop, None, clock, raise_errors) as run:
-        run.take(flag_job, values, summary.jobs[flag_job.name])
+        run.take(flag_job, values, summary.jobs[flag_job.name], batch_size)
         summary.seconds = time.monotonic() - started
         summary.stopped_by = stop.reason
     return summary
@@ -259,21 +261,25 @@ class _Run:
             return True
         return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
-    def take(self, job: FlagJob, keys: Sequence[Any], stats: JobStats) -> bool:
-        """Handle the rows of these primary keys that are claimable, in chunks as :meth:`drain` does;
-        False if stopped before.
+    def take(self, job: FlagJob, keys: Sequence[Any], stats: JobStats, batch_size: int | None = None) -> bool:
+        """Handle the rows of these primary keys that are claimable, in chunks of at most the
+        batch size as :meth:`drain` does; False if stopped before.
 
         Rows that are not pending (done, gone, not yet committed), held back or locked by another
         run are left alone: they are someone else's work, or none. A chunk that commits early
         leaves the rest claimable, so the next one claims them; each chunk handles at least one row.
         """
         keys = list(dict.fromkeys(keys))
-        for _ in range(len(keys)):
-            if self.should_stop():
-                return False
-            claimed = self.chunk(job, len(keys), stats, keys=keys)
-            if claimed <= 0:
-                break
+        size = batch_size or job.batch_size
+        for start in range(0, len(keys), size):
+            part = keys[start : start + size]
+            for _ in range(len(part)):
+                if self.should_stop():
+                    return False
+                before = stats.done + stats.failed
+                claimed = self.chunk(job, size, stats, keys=part)
+                if claimed <= 0 or stats.done + stats.failed - before >= len(part):
+                    break
         return True
 
     def chunk(

@@ -50,6 +50,17 @@ def test_a_batch_job_gets_its_rows_in_one_call(engine: Engine, behaviour: jobapp
     assert run_pending(jobapp.jobs, engine, jobs=["make_thumbnails"]).done == 2
 
 
+def test_more_keys_than_a_chunk_are_claimed_a_chunk_at_a_time(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    from conftest import count_claims
+
+    add_items(engine, 120)
+    claims = count_claims(engine, "items")
+    summary = run_rows(jobapp.jobs, engine, "process_item", list(range(1, 121)), batch_size=50)
+    assert summary.done == 120
+    assert sorted(effects(behaviour.effects)) == list(range(1, 121))
+    assert claims["start"] == 3  # 50 + 50 + 20: one claim each, nothing left to claim again
+
+
 def test_rows_locked_or_not_yet_committed_are_skipped(engine: Engine, behaviour: jobapp.Behaviour) -> None:
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no row locks: a claim waits for the other writer's commit")

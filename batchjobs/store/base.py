@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from sqlalchemy import (
@@ -531,7 +532,6 @@ class ChunkStatements:
         self.pk_attr = job.primary_key_attr
         self.claim = self.claim_statement(limit)
         self.claim_after = self.claim_statement(limit, keyset_walk=True)
-        self.claim_keys = self.keys_statement()
         self.claim_suspect = self.suspect_statement()
         self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
             Failure.job == job.name, store.key_in(FAILURES.c.row_key)
@@ -574,6 +574,11 @@ class ChunkStatements:
         job = self.job
         stmt = keyset(self._claimable(), job.primary_key, bound=keyset_walk).limit(literal_column(str(int(limit)), Integer()))
         return self.store.lock_for_claim(stmt, job.table)
+
+    @cached_property
+    def claim_keys(self) -> Select[Any]:
+        """:meth:`keys_statement`, built on first use: only runs given keys claim by keys."""
+        return self.keys_statement()
 
     def keys_statement(self) -> Select[Any]:
         """Select and lock the rows of given primary keys that are claimable, as :meth:`claim_statement`

@@ -421,3 +421,13 @@ def test_install_refuses_a_bad_schedule_or_an_unknown_queue_in_one_line() -> Non
     with pytest.raises(BatchJobsError, match="unknown queue 'nope'"):
         install(app, jobapp.jobs, queues=["nope"])
     assert not app.conf.beat_schedule
+
+
+def test_the_welcome_example_has_its_celery_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URL", "memory://")
+    from batchjobs.examples.welcome.celery_app import app, welcome_jobs
+
+    assert app.conf.beat_schedule["batchjobs-sweep-mail"]["kwargs"] == {"queue": "mail"}
+    route = app.amqp.router.route({}, "batchjobs.run_rows", kwargs={"job": "send_welcome_email", "keys": [1]})
+    assert route["queue"].name == "mail"
+    assert welcome_jobs.sweep.name in app.tasks and welcome_jobs.run_rows.name in app.tasks

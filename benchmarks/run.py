@@ -981,7 +981,11 @@ def server_url(database_url: str | None) -> Iterator[str]:
 
 def celery_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
     """Plain Celery beside batchjobs.celery on one Redis, and dispatch latency (see celerybench.py)."""
-    import celerybench
+    try:
+        import celerybench
+    except ImportError as error:
+        report.add("8. Celery", f"skipped: {error} (pip install 'batchjobs[celery]')", "")
+        return
 
     celerybench.celery_scenario(server, report, sizes.celery_plain, sizes.celery_batchjobs, sizes.celery_latency)
 

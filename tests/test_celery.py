@@ -159,6 +159,16 @@ class Cluster:
             # Pool processes left behind by a killed parent are in its group.
             self.kill(worker, signal.SIGKILL)
 
+    def delete_queues(self) -> None:
+        """Leave nothing behind on a shared broker (Celery declares its queues durable)."""
+        with self.app.connection_for_write() as connection:
+            for queue in jobapp.jobs.queues:
+                try:
+                    connection.default_channel.queue_delete(self.prefix + queue)
+                except Exception:  # noqa: BLE001 - a queue never declared is nothing to delete
+                    connection.close()
+                    connection.ensure_connection(max_retries=1)
+
     def sweep(self) -> None:
         self.jobs.sweep.apply_async(kwargs={"queue": "items"})
 
@@ -182,6 +192,7 @@ def _cluster(engine: Engine, tmp_path: Path, broker: str, backend: str | None) -
         yield cluster
     finally:
         cluster.stop()
+        cluster.delete_queues()
         cluster.app.close()
 
 

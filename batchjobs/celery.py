@@ -82,22 +82,32 @@ def install(
     registry.select(queues=swept)  # an unknown queue is one clear error, now rather than in beat
     engines = _Engines(registry, engine, database_url)
     installed = CeleryJobs(app, registry, engines, budget, batch_size, prefix, queue_prefix)
-    if sweep_every is not None:
-        schedule = dict(app.conf.beat_schedule or {})
-        for queue in swept:
-            schedule[f"{prefix}-sweep-{queue}"] = {
-                "task": installed.sweep.name,
-                "schedule": float(sweep_every),
-                "kwargs": {"queue": queue},
-                # A sweep that waited longer than the interval is stale: the next one is on its way.
-                # No queue here: the router (or a route of the app's) chooses it, as for every send.
-                "options": {"expires": float(sweep_every)},
-            }
-        app.conf.beat_schedule = schedule
-    # After the app's own routes: a route the app gives batchjobs' tasks wins.
-    routes = app.conf.task_routes
-    existing = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
-    app.conf.task_routes = [*existing, installed.route]
+    sweeps = {
+        f"{prefix}-sweep-{queue}": {
+            "task": installed.sweep.name,
+            "schedule": float(sweep_every),
+            "kwargs": {"queue": queue},
+            # A sweep that waited longer than the interval is stale: the next one is on its way.
+            # No queue here: the router (or a route of the app's) chooses it, as for every send.
+            "options": {"expires": float(sweep_every)},
+        }
+        for queue in swept
+        if sweep_every is not None
+    }
+
+    def configure(**_: Any) -> None:
+        # An entry or route of the app's own comes first: it wins.
+        app.conf.beat_schedule = {**sweeps, **(app.conf.beat_schedule or {})}
+        routes = app.conf.task_routes
+        existing = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
+        if installed.route not in existing:
+            app.conf.task_routes = [*existing, installed.route]
+
+    # Celery reads its configuration again after config_from_object(), so the entries are added
+    # each time it does, not only now.
+    app.on_after_configure.connect(configure, weak=False)
+    if app.configured:
+        configure()
     return installed
 
 

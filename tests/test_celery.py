@@ -442,3 +442,24 @@ def test_the_welcome_example_has_its_celery_app(monkeypatch: pytest.MonkeyPatch)
     route = app.amqp.router.route({}, "batchjobs.run_rows", kwargs={"job": "send_welcome_email", "keys": [1]})
     assert route["queue"].name == "mail"
     assert welcome_jobs.sweep.name in app.tasks and welcome_jobs.run_rows.name in app.tasks
+
+
+def test_the_app_configured_after_install_keeps_the_sweeps_and_routes() -> None:
+    from celery import Celery
+
+    from batchjobs.celery import install
+
+    app = Celery("configured_later", broker="memory://", set_as_current=False)
+    install(app, jobapp.jobs, sweep_every=30)
+
+    class Settings:  # as config_from_object("django.conf:settings") would bring them
+        beat_schedule = {"nightly": {"task": "report", "schedule": 86400.0}, "batchjobs-sweep-mail": {"task": "mine", "schedule": 5.0}}
+        task_routes = {"report": {"queue": "reports"}}
+
+    app.config_from_object(Settings)
+    schedule = app.conf.beat_schedule
+    assert sorted(schedule) == ["batchjobs-sweep-items", "batchjobs-sweep-mail", "batchjobs-sweep-media", "nightly"]
+    assert schedule["batchjobs-sweep-mail"]["task"] == "mine"  # the app's own entry wins
+    router = app.amqp.router
+    assert router.route({}, "batchjobs.sweep", kwargs={"queue": "media"})["queue"].name == "media"
+    assert router.route({}, "report")["queue"].name == "reports"

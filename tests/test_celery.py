@@ -3,7 +3,8 @@ broker (a throwaway Redis, RabbitMQ for one run) and PostgreSQL, plus eager mode
 
 The side effects of handlers are lines in a file (see jobapp), so each row's handling is counted
 outside any transaction. Celery workers need a database that several processes share, so these
-tests run on PostgreSQL (SQLite would work with one worker process; the run loop's tests cover it).
+tests run on PostgreSQL, and the exactly-once test on MySQL/MariaDB too where one is given. SQLite
+serves workers on its own host only, taking turns at its write lock; run_rows's own tests cover it.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from batchjobs.db import ensure_schema
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure
 from batchjobs.history import record_run
-from batchjobs.registry import FlagJob, JobContext, Registry
+from batchjobs.registry import FlagJob, JobContext, Registry, parse_key
 from batchjobs.savepoints import ChunkSession, HandlerCalls, StatementCounter
 from batchjobs.signals import StopRequest
 from batchjobs.store import Store, store_for
@@ -80,6 +80,49 @@ def run_pending(
         drained = run.drain(selected, summary, batch_size)
         summary.seconds = time.monotonic() - started
         summary.stopped_by = stop.reason or (None if drained else "max-runtime")
+    return summary
+
+
+def run_rows(
+    registry: Registry,
+    engine: Engine,
+    job: str,
+    keys: Sequence[Any],
+    *,
+    commit_interval: float = 1.0,
+    lock_timeout: float = 5.0,
+    stop: StopRequest | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    batch_size: int | None = None,
+    record: bool = False,
+    raise_errors: bool = False,
+) -> RunSummary:
+    """Handle the rows of ``job`` with these primary keys, those of them that are claimable now.
+
+    The claim is run-pending's, restricted to these keys: rows that are no longer pending, not
+    yet committed, held back (backing off, dead, crash suspects) or locked by another run are
+    skipped without error, and left to whoever holds them or to the next run. Everything else
+    (savepoints, failure records, marks, crash markers, commits) is :func:`run_pending`'s. Keys
+    are primary-key values, or their text as failure records show it; they are claimed in chunks
+    of the job's ``batch_size`` (or ``batch_size``). Runs are not kept in the run history unless
+    ``record``: a run of a few rows per commit would crowd out the others.
+    """
+    flag_job = registry.job(job)
+    if lock_timeout <= 0:
+        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    values = [parse_key(flag_job.primary_key, key) if isinstance(key, str) else key for key in keys]
+    store = store_for(engine)
+    ensure_schema(store.engine)
+    stop = stop if stop is not None else StopRequest()
+    started = time.monotonic()
+    summary = RunSummary(jobs={flag_job.name: JobStats()})
+    if not values:
+        return summary
+    history = record_run(store, summary, [], clock, keep_for=registry.keep_history, record=record)
+    with history, running(registry, store, commit_interval, lock_timeout, stop, None, clock, raise_errors) as run:
+        run.take(flag_job, values, summary.jobs[flag_job.name], batch_size)
+        summary.seconds = time.monotonic() - started
+        summary.stopped_by = stop.reason
     return summary
 
 
@@ -218,10 +261,34 @@ class _Run:
             return True
         return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
-    def chunk(self, job: FlagJob, limit: int, stats: JobStats, suspects: bool = False) -> int:
+    def take(self, job: FlagJob, keys: Sequence[Any], stats: JobStats, batch_size: int | None = None) -> bool:
+        """Handle the rows of these primary keys that are claimable, in chunks of at most the
+        batch size as :meth:`drain` does; False if stopped before.
+
+        Rows that are not pending (done, gone, not yet committed), held back or locked by another
+        run are left alone: they are someone else's work, or none. A chunk that commits early
+        leaves the rest claimable, so the next one claims them; each chunk handles at least one row.
+        """
+        keys = list(dict.fromkeys(keys))
+        size = batch_size or job.batch_size
+        for start in range(0, len(keys), size):
+            part = keys[start : start + size]
+            for _ in range(len(part)):
+                if self.should_stop():
+                    return False
+                before = stats.done + stats.failed
+                claimed = self.chunk(job, size, stats, keys=part)
+                if claimed <= 0 or stats.done + stats.failed - before >= len(part):
+                    break
+        return True
+
+    def chunk(
+        self, job: FlagJob, limit: int, stats: JobStats, suspects: bool = False, keys: Sequence[Any] | None = None
+    ) -> int:
         """Claim, handle and commit one chunk; returns how many rows were claimed, or _SKIPPED.
 
-        With ``suspects``, the chunk is one crash suspect (see :mod:`batchjobs.crashes`).
+        With ``suspects``, the chunk is one crash suspect (see :mod:`batchjobs.crashes`). With
+        ``keys``, the chunk is those of the rows of these primary keys that are claimable.
         """
         statements = self.statements.get((job.name, limit))
         if statements is None:
@@ -235,11 +302,13 @@ class _Run:
                 # ends within commit_interval plus one handler call, bounded by timeout=.
                 self.store.lift_transaction_limits(connection, self.limits)
             now = self.clock()
-            after = None if suspects else self.after.get(job.name)
+            after = None if suspects or keys is not None else self.after.get(job.name)
             wait = self.claim_wait()
             try:
                 with self.watchdog.limit(wait):
-                    claimed = statements.claim_rows(connection, session, now, self.run_started, after, suspect=suspects)
+                    claimed = statements.claim_rows(
+                        connection, session, now, self.run_started, after, suspect=suspects, keys=keys
+                    )
                     if not claimed and after is not None:
                         # The walk reached the end. One claim from the start picks up rows it passed
                         # by: locked by another run then, requeued since, or inserted with a lower key.
@@ -304,8 +373,8 @@ class _Run:
         # rather than from its start, past the entries of every row done since the last vacuum.
         # A short chunk reached the end of the pending rows: the next claim starts over, so rows
         # that became claimable behind the walk (backoff over, requeued) wait no longer.
-        if suspects:
-            pass  # suspects are claimed one at a time, outside the walk
+        if suspects or keys is not None:
+            pass  # suspects and given keys are claimed outside the walk
         elif len(claimed) < limit:
             self.after.pop(job.name, None)
         else:

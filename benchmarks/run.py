@@ -72,6 +72,9 @@ class Sizes:
     inserts_per_round: int
     import_runs: int
     callgrind: int
+    celery_plain: int
+    celery_batchjobs: int
+    celery_latency: int
 
 
 FULL = Sizes(
@@ -89,6 +92,9 @@ FULL = Sizes(
     inserts_per_round=500,
     import_runs=7,
     callgrind=5_000,
+    celery_plain=10_000,
+    celery_batchjobs=200_000,
+    celery_latency=200,
 )
 QUICK = Sizes(
     drain=5_000,
@@ -105,6 +111,9 @@ QUICK = Sizes(
     inserts_per_round=150,
     import_runs=3,
     callgrind=5_000,
+    celery_plain=500,
+    celery_batchjobs=20_000,
+    celery_latency=20,
 )
 
 
@@ -967,12 +976,27 @@ def server_url(database_url: str | None) -> Iterator[str]:
             yield url
 
 
+# --- 8: Celery -----------------------------------------------------------------------------------------
+
+
+def celery_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
+    """Plain Celery beside batchjobs.celery on one Redis, and dispatch latency (see celerybench.py)."""
+    try:
+        import celerybench
+    except ImportError as error:
+        report.add("8. Celery", f"skipped: {error} (pip install 'batchjobs[celery]')", "")
+        return
+
+    celerybench.celery_scenario(server, report, sizes.celery_plain, sizes.celery_batchjobs, sizes.celery_latency)
+
+
 SCENARIOS: dict[str, Callable[..., None]] = {
     "drain": drain_scenarios,
     "idle": idle_scenario,
     "concurrency": concurrency_scenario,
     "mark": mark_scenario,
     "inserts": insert_scenario,
+    "celery": celery_scenario,
     "callgrind": callgrind_scenario,
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]

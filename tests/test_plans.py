@@ -203,3 +203,21 @@ def test_claim_cost_estimate_stays_below_jit_threshold(pg_engine: Engine) -> Non
     total_cost = float(re.search(r"cost=[\d.]+\.\.([\d.]+)", plan.splitlines()[0]).group(1))  # type: ignore[union-attr]
     assert total_cost < 100_000, plan
     assert "Index Scan using ix_items_processed_pending on items" in plan, plan
+
+
+def test_a_claim_of_given_keys_looks_them_up_by_key(engine: Engine) -> None:
+    """run_rows's claim costs an index probe per key, never a walk of the table or of every pending row."""
+    _big_table_few_pending(engine)
+    job = jobapp.jobs.job("process_item")
+    store = store_for(engine)
+    now = datetime.now(timezone.utc)
+    keys = store.key_list(job.primary_key, [20000, 60000, 7], engine.dialect)
+    plan = _plan(engine, store.chunk_statements(job, 50).claim_keys.params(now=now, run_started=now, batchjobs_keys=keys))
+    if engine.dialect.name == "postgresql":
+        assert "Seq Scan on items" not in plan, plan
+        assert "Index Scan using items_pkey on items" in plan or "Index Scan using ix_items_processed_pending on items" in plan, plan
+    elif _is_mysql(engine):
+        [walk] = [line for line in plan.splitlines() if line.startswith("items ")]
+        assert "type=ALL" not in walk and "type=index" not in walk, plan
+    else:
+        assert "SCAN items" not in plan, plan

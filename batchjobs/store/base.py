@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from sqlalchemy import (
@@ -571,19 +572,36 @@ class ChunkStatements:
         generic plan expects a long walk, so it would plan every claim afresh.
         """
         job = self.job
+        stmt = keyset(self._claimable(), job.primary_key, bound=keyset_walk).limit(literal_column(str(int(limit)), Integer()))
+        return self.store.lock_for_claim(stmt, job.table)
+
+    @cached_property
+    def claim_keys(self) -> Select[Any]:
+        """:meth:`keys_statement`, built on first use: only runs given keys claim by keys."""
+        return self.keys_statement()
+
+    def keys_statement(self) -> Select[Any]:
+        """Select and lock the rows of given primary keys that are claimable, as :meth:`claim_statement`
+        would claim them: pending, not held back, not locked by another transaction (skipped).
+
+        Execute with ``now``, ``run_started`` and :data:`KEYS` bound to :meth:`Store.key_list` of the
+        keys. Rows that are done, gone, held back or locked elsewhere are simply not returned.
+        """
+        job = self.job
+        stmt = self._claimable().where(self.store.key_in(job.primary_key)).order_by(job.primary_key)
+        return self.store.lock_for_claim(stmt, job.table)
+
+    def _claimable(self) -> Select[Any]:
+        """The claims' SELECT: the job's row (or its ``columns``) and row key, of pending rows not held back."""
+        job = self.job
         # No LIMIT 1 needed: (job, row_key) is the failure table's primary key.
         of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
         held_back = select(true()).where(of_this_row, _held_back()).scalar_subquery()
         # Table columns, not mapped attributes, for plain rows: the ORM stays out of that path.
         loaded: list[Any] = list(job.columns) if job.columns else [job.model]
-        stmt = keyset(
-            # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
-            # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
-            select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), held_back.is_not(true())),
-            job.primary_key,
-            bound=keyset_walk,
-        ).limit(literal_column(str(int(limit)), Integer()))
-        return self.store.lock_for_claim(stmt, job.table)
+        # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
+        # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
+        return select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), held_back.is_not(true()))
 
     def suspect_statement(self) -> Select[Any]:
         """Select and lock one crash suspect: a pending row whose handler ended its process before.
@@ -612,16 +630,21 @@ class ChunkStatements:
         after: Any = None,
         *,
         suspect: bool = False,
+        keys: Sequence[Any] | None = None,
     ) -> list[tuple[Any, str]]:
         """Lock pending rows: (row for the handler, row key) pairs, in key order.
 
         ORM objects are loaded into ``session``; plain rows come straight from ``connection``.
         With ``after`` (a primary-key value), only rows with a greater key are claimed. With
-        ``suspect``, one crash suspect and nothing else.
+        ``suspect``, one crash suspect and nothing else. With ``keys`` (primary-key values), those
+        of these rows that are claimable and nothing else.
         """
         params: dict[str, Any] = {"now": now, "run_started": run_started}
         claim = self.claim_suspect if suspect else self.claim
-        if after is not None:
+        if keys is not None:
+            params[KEYS] = self.store.key_list(self.job.primary_key, keys, connection.dialect)
+            claim = self.claim_keys
+        elif after is not None:
             params[AFTER] = after
             claim = self.claim_after
         if self.record is None:

@@ -244,14 +244,15 @@ class MySQLChunkStatements(ChunkStatements):
         after: Any = None,
         *,
         suspect: bool = False,
+        keys: Sequence[Any] | None = None,
     ) -> list[tuple[Any, str]]:
-        if after is not None and not self.looked_up:
+        if after is not None and keys is None and not self.looked_up:
             self.looked_up = True
             index = _seek_index(connection, self.job)
             if index is not None:
                 # "*": the hint is for this store's own dialects, MySQL and MariaDB alike.
                 self.claim_after = self.claim_after.with_hint(self.job.table, f"FORCE INDEX ({index})", "*")
-        return super().claim_rows(connection, session, now, run_started, after, suspect=suspect)
+        return super().claim_rows(connection, session, now, run_started, after, suspect=suspect, keys=keys)
 
 
 def _seek_index(connection: Connection, job: FlagJob) -> str | None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
@@ -35,6 +35,9 @@ from batchjobs.store.tables import RunRecord
 from batchjobs.summary import RunSummary
 from batchjobs.timeutil import format_duration, parse_duration
 
+if TYPE_CHECKING:
+    from batchjobs.registry import FlagJob
+
 logger = logging.getLogger("batchjobs")
 
 HEARTBEAT_EVERY = 5.0
@@ -46,6 +49,9 @@ STALE_AFTER = timedelta(seconds=60)
 MIN_BEAT_TIMEOUT = 2.0
 #: How far back a starting run looks for runs of its host that ended without recording their end.
 ORPHANS_WITHIN = timedelta(hours=1)
+#: How often pending rows are counted into the backlog history (the web page's 24-hour chart):
+#: by the first run that starts after this long, and by long-running workers as they beat.
+BACKLOG_EVERY = timedelta(minutes=5)
 
 # Runs open in this process, by (database, run id): a run recorded with this process's pid that is
 # not among them ended here without recording its end.
@@ -178,8 +184,12 @@ class RunRecorder:
         keep_for: timedelta = timedelta(days=7),
         heartbeat_every: float | None = None,
         kind: str = "run",
+        backlog: Sequence[FlagJob] = (),
     ) -> None:
         self.kind = kind
+        #: The jobs whose pending rows this run counts into the backlog history.
+        self.backlog = backlog
+        self._next_sample: datetime | None = None
         self.store = store
         self.summary = summary
         self.queues = queues
@@ -217,11 +227,23 @@ class RunRecorder:
         with self.store.engine.begin() as connection:
             self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
             closed = self._close_orphans(connection, now, host)
+            self._sample_backlog(connection, now)
         _open_here.add(self._key)
         for run_id, pid in closed:
             logger.warning(
                 "run %s (pid %d) ended without recording its end (its process is gone); recorded as failed", run_id, pid
             )
+
+    def _sample_backlog(self, connection: Connection, now: datetime) -> None:
+        """Count the jobs' pending rows into the backlog history, unless a run did so lately."""
+        if not self.backlog:
+            return
+        # Per job: runs of different queues each keep their own jobs' history going.
+        recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY)
+        due = [job for job in self.backlog if job.name not in recent]
+        if due:
+            self.store.record_backlog(connection, due, now, prune_before=now - self.keep_for)
+        self._next_sample = now + BACKLOG_EVERY
 
     def _close_orphans(self, connection: Connection, now: datetime, host: str) -> list[tuple[int, int]]:
         # Only this host's runs: elsewhere, whether a pid is alive cannot be known, and a stale
@@ -263,8 +285,11 @@ class RunRecorder:
     def _attempt(self) -> BaseException | None:
         """One heartbeat write, waited for at most ``beat_timeout``: None once it is saved."""
         if self._in_flight is None or self._in_flight.done:
-            values = {"heartbeat_at": self.clock(), **_progress(self.summary)}
-            self._in_flight = _Write(lambda: self._save(**values))
+            now = self.clock()
+            values: dict[str, object] = {"heartbeat_at": now, **_progress(self.summary)}
+            # A worker runs for days: it keeps the backlog history going between cron runs.
+            sample = self._next_sample is not None and now >= self._next_sample
+            self._in_flight = _Write(lambda: self._save(values, sample=sample))
         write = self._in_flight
         if not write.wait(self.beat_timeout):
             return _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
@@ -283,7 +308,7 @@ class RunRecorder:
                 # A beat landing after the end would overwrite the final counts with older ones.
                 self._in_flight.wait(self.beat_timeout)
             now = self.clock()
-            self._save(heartbeat_at=now, finished_at=now, outcome=outcome, **_progress(self.summary))
+            self._save({"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)})
         finally:
             _open_here.discard(self._key)
 
@@ -318,9 +343,11 @@ class RunRecorder:
             f"{_first_line(error, self.store.engine.url)}; the next run on this host records it as failed"
         )
 
-    def _save(self, **values: object) -> None:
+    def _save(self, values: dict[str, object], sample: bool = False) -> None:
         with self.store.engine.begin() as connection:
             self.store.save_run(connection, self.run_id, values)
+            if sample:
+                self._sample_backlog(connection, self.clock())
 
 
 class RunEndNotRecorded(BatchJobsError):
@@ -349,19 +376,21 @@ def record_run(
     keep_for: timedelta = timedelta(days=7),
     record: bool = True,
     kind: str = "run",
+    backlog: Sequence[FlagJob] = (),
 ) -> Iterator[RunRecorder | None]:
     """Record the run whose counts ``summary`` collects, from start to finish; yields the recorder.
 
     If the block raises, the run is recorded as failed (see :meth:`RunRecorder.running`); SIGKILL
     leaves it unfinished, and its stale heartbeat tells the rest. Without ``record`` (a worker of
     a run recorded elsewhere) nothing is written and None is yielded, but an error that ends the
-    run still carries its counts.
+    run still carries its counts. The ``backlog`` jobs' pending rows are counted into the backlog
+    history every :data:`BACKLOG_EVERY`.
     """
     if not record:
         with counted(summary):
             yield None
         return
-    recorder = RunRecorder(store, summary, queues, clock, keep_for, kind=kind)
+    recorder = RunRecorder(store, summary, queues, clock, keep_for, kind=kind, backlog=backlog)
     recorder.open()
     with recorder.running():
         recorder.start_heartbeat()

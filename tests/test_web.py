@@ -110,12 +110,14 @@ def test_runs_page_marks_crashed_runs(sqlite_engine: Engine) -> None:
     last = client.get("/runs?page=6").get_data(as_text=True)
     beyond = client.get("/runs?page=7").get_data(as_text=True)
 
-    assert "288 run(s)" in first
-    # The two runs that stopped beating without an end (the 41st and 42nd newest) crashed.
-    assert first.count('<tr class="outcome-row-finished">') == 48
+    assert "289 run(s)" in first
+    # The two runs that stopped beating without an end (the 41st and 42nd newest) crashed; the
+    # worker that beats still runs.
+    assert first.count('<tr class="outcome-row-finished">') == 47
     assert first.count('<tr class="outcome-row-crashed">') == 2
+    assert first.count('<tr class="outcome-row-running">') == 1
     assert ">older &rarr;<" in first and ">older &rarr;<" not in last
-    assert last.count('<tr class="outcome-row-finished">') == 38
+    assert last.count('<tr class="outcome-row-finished">') == 39
     assert "No runs recorded." in beyond
 
 

@@ -43,7 +43,11 @@ def seed(engine: Engine, *, items: int = 40, done: int = 15, history: bool = Tru
     with engine.begin() as conn:
         conn.execute(
             insert(jobapp.Item.__table__),
-            [{"id": i, "category": "a", "processed": i <= done} for i in range(1, items + 1)],
+            # Rows come in a minute apart, the last one now: the oldest pending row has waited a while.
+            [
+                {"id": i, "category": "a", "processed": i <= done, "created_at": now - timedelta(minutes=items - i)}
+                for i in range(1, items + 1)
+            ],
         )
         conn.execute(insert(jobapp.Order.__table__), [{"id": i, "receipt_sent_at": None} for i in range(1, 8)])
         conn.execute(
@@ -86,6 +90,23 @@ def _history(conn: object, now: datetime) -> None:
                 "outcome": None if crashed else "finished",
             }
         )
+    # A worker for the mail queue, alive (its heartbeat is fresh) for three hours.
+    runs.append(
+        {
+            "host": "app-2",
+            "pid": 4242,
+            "jobs": "send_receipt",
+            "queues": "mail",
+            "kind": "worker",
+            "started_at": now - timedelta(hours=3),
+            "heartbeat_at": now,
+            "finished_at": None,
+            "rows_done": 1500,
+            "rows_failed": 0,
+            "job_stats": json.dumps({"send_receipt": [1500, 0]}),
+            "outcome": None,
+        }
+    )
     conn.execute(insert(BACKLOG), samples)  # type: ignore[attr-defined]
     conn.execute(insert(RUNS), runs)  # type: ignore[attr-defined]
 

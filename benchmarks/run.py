@@ -32,6 +32,7 @@ import benchapp
 import pg
 import psycopg
 import sqlalchemy
+import webbench
 from sqlalchemy.engine import URL
 
 from batchjobs import run_pending
@@ -974,6 +975,7 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "mark": mark_scenario,
     "inserts": insert_scenario,
     "callgrind": callgrind_scenario,
+    "web": webbench.web_scenario,
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
 #: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency.

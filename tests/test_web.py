@@ -13,18 +13,23 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import jobapp
 import pytest
 import webdata
-from conftest import BATCHJOBS, cli_env, run_cli, url_of
+from conftest import BATCHJOBS, cli_env, run_cli, url_of, wait_for
 from sqlalchemy import Engine, select
 
 from batchjobs import run_pending
 from batchjobs.db import create_engine
+from batchjobs.history import RunRecorder
 from batchjobs.migrate import migrate
-from batchjobs.store.tables import BACKLOG, FAILURES
+from batchjobs.store import store_for
+from batchjobs.store.tables import BACKLOG, FAILURES, RUNS
+from batchjobs.summary import JobStats, RunSummary
 from batchjobs.timeutil import utcnow
 
 pytest.importorskip("werkzeug", reason="the web page needs Werkzeug: pip install 'batchjobs[web]'")
@@ -342,6 +347,42 @@ def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> No
     assert [tuple(s) for s in samples] == [("send_receipt", 7), ("process_item", 25), ("make_thumbnails", 0)]
     chart = Client(create_app(jobapp.jobs, sqlite_engine)).get("/").get_data(as_text=True)
     assert re.search(r'"pending": \[\[(null, )+25\]', chart), "the overview's chart ends with the sample just taken"
+
+
+def test_a_long_running_worker_samples_the_backlog_as_its_heartbeat_comes_round(sqlite_engine: Engine) -> None:
+    webdata.seed(sqlite_engine, history=False)
+    job = jobapp.jobs.job("process_item")
+    started = utcnow()
+    minutes = [0]  # the worker's clock: the test moves it on
+
+    def clock() -> datetime:
+        return started + timedelta(minutes=minutes[0])
+
+    summary = RunSummary(jobs={job.name: JobStats()})
+    recorder = RunRecorder(store_for(sqlite_engine), summary, [], clock, heartbeat_every=0.05, kind="worker", backlog=[job])
+
+    def samples() -> list[tuple[Any, ...]]:
+        with sqlite_engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(select(BACKLOG.c.job, BACKLOG.c.pending, BACKLOG.c.sampled_at))]
+
+    recorder.open()
+    with recorder.running():
+        recorder.start_heartbeat()
+        wait_for(lambda: len(samples()) == 1, "the sample taken as the worker starts")
+        with sqlite_engine.begin() as conn:
+            conn.execute(jobapp.Item.__table__.update().where(jobapp.Item.id > 30).values(processed=True))
+        minutes[0] = 4  # heartbeats within five minutes of the last sample take none
+
+        def beaten() -> bool:
+            with sqlite_engine.connect() as conn:
+                last = conn.execute(select(RUNS.c.heartbeat_at).where(RUNS.c.id == recorder.run_id)).scalar_one()
+            return bool(last >= clock())
+
+        wait_for(beaten, "a heartbeat four minutes on")
+        assert len(samples()) == 1
+        minutes[0] = 6
+        wait_for(lambda: len(samples()) == 2, "the sample of a heartbeat six minutes on")
+    assert [(name, pending) for name, pending, _ in samples()] == [("process_item", 25), ("process_item", 15)]
 
 
 def test_the_loopback_rule() -> None:

@@ -52,6 +52,9 @@ ORPHANS_WITHIN = timedelta(hours=1)
 #: How often pending rows are counted into the backlog history (the web page's 24-hour chart):
 #: by the first run that starts after this long, and by long-running workers as they beat.
 BACKLOG_EVERY = timedelta(minutes=5)
+#: How long counting may wait for a table lock (a migration holds the table) before that sample
+#: is skipped: a sample is worth less than the run's own work.
+BACKLOG_LOCK_WAIT = 1.0
 
 # Runs open in this process, by (database, run id): a run recorded with this process's pid that is
 # not among them ended here without recording its end.
@@ -227,23 +230,33 @@ class RunRecorder:
         with self.store.engine.begin() as connection:
             self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
             closed = self._close_orphans(connection, now, host)
-            self._sample_backlog(connection, now)
         _open_here.add(self._key)
         for run_id, pid in closed:
             logger.warning(
                 "run %s (pid %d) ended without recording its end (its process is gone); recorded as failed", run_id, pid
             )
 
-    def _sample_backlog(self, connection: Connection, now: datetime) -> None:
-        """Count the jobs' pending rows into the backlog history, unless a run did so lately."""
-        if not self.backlog:
-            return
-        # Per job: runs of different queues each keep their own jobs' history going.
-        recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY)
-        due = [job for job in self.backlog if job.name not in recent]
-        if due:
-            self.store.record_backlog(connection, due, now, prune_before=now - self.keep_for)
+    def _sample_backlog(self) -> None:
+        """Count the jobs' pending rows into the backlog history, unless a run did so lately.
+
+        Runs on the heartbeat's thread, in a transaction of its own that waits at most
+        :data:`BACKLOG_LOCK_WAIT` for a table lock, so it never holds up the run's own work; a
+        sample that fails is skipped with one line.
+        """
+        now = self.clock()
         self._next_sample = now + BACKLOG_EVERY
+        try:
+            # A writing transaction from its start (SQLite: BEGIN IMMEDIATE), so that it waits its
+            # turn behind a chunk rather than failing to upgrade from reading to writing.
+            with self.store.claiming().begin() as connection:
+                # Per job: runs of different queues each keep their own jobs' history going.
+                recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY)
+                due = [job for job in self.backlog if job.name not in recent]
+                if due:
+                    self.store.limit_lock_wait(connection, BACKLOG_LOCK_WAIT)
+                    self.store.record_backlog(connection, due, now, prune_before=now - self.keep_for)
+        except DBAPIError as exc:
+            logger.warning("backlog history: pending rows not counted this time: %s", _first_line(exc, self.store.engine.url))
 
     def _close_orphans(self, connection: Connection, now: datetime, host: str) -> list[tuple[int, int]]:
         # Only this host's runs: elsewhere, whether a pid is alive cannot be known, and a stale
@@ -270,7 +283,15 @@ class RunRecorder:
         self._heart.start()
 
     def _beat(self) -> None:
-        while not self._stopped.wait(self.heartbeat_every):
+        sampling: _Write | None = None
+        while True:
+            if self.backlog and (sampling is None or sampling.done):
+                if self._next_sample is None or self.clock() >= self._next_sample:
+                    # As the run starts, and then every few minutes (a worker runs for days).
+                    sampling = _Write(self._sample_backlog)
+                    sampling.wait(self.beat_timeout)
+            if self._stopped.wait(self.heartbeat_every):
+                return
             error = self._attempt()
             if error is None:
                 if self._failing:
@@ -287,9 +308,7 @@ class RunRecorder:
         if self._in_flight is None or self._in_flight.done:
             now = self.clock()
             values: dict[str, object] = {"heartbeat_at": now, **_progress(self.summary)}
-            # A worker runs for days: it keeps the backlog history going between cron runs.
-            sample = self._next_sample is not None and now >= self._next_sample
-            self._in_flight = _Write(lambda: self._save(values, sample=sample))
+            self._in_flight = _Write(lambda: self._save(values))
         write = self._in_flight
         if not write.wait(self.beat_timeout):
             return _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
@@ -343,11 +362,9 @@ class RunRecorder:
             f"{_first_line(error, self.store.engine.url)}; the next run on this host records it as failed"
         )
 
-    def _save(self, values: dict[str, object], sample: bool = False) -> None:
+    def _save(self, values: dict[str, object]) -> None:
         with self.store.engine.begin() as connection:
             self.store.save_run(connection, self.run_id, values)
-            if sample:
-                self._sample_backlog(connection, self.clock())
 
 
 class RunEndNotRecorded(BatchJobsError):

@@ -335,7 +335,14 @@ def test_database_not_migrated_is_a_clear_503(tmp_path: Path) -> None:
 
 
 def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> None:
-    webdata.seed(sqlite_engine, history=False)
+    now = webdata.seed(sqlite_engine, history=False)
+    # Every pending row backs off, so the runs change nothing while the sample is taken beside them.
+    with sqlite_engine.begin() as conn:
+        conn.execute(
+            FAILURES.insert(),
+            [webdata.failure(str(key), dead=False, now=now) for key in range(21, 41)]
+            + [webdata.failure(str(key), dead=False, now=now, job="send_receipt") for key in range(1, 8)],
+        )
 
     run_pending(jobapp.jobs, sqlite_engine, queues=["mail"])
     run_pending(jobapp.jobs, sqlite_engine, queues=["mail"])
@@ -343,7 +350,8 @@ def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> No
 
     with sqlite_engine.connect() as conn:
         samples = conn.execute(select(BACKLOG.c.job, BACKLOG.c.pending).order_by(BACKLOG.c.id)).all()
-    # Taken as each run starts: one per job, however many runs start within five minutes.
+    # Taken as each run starts (beside its work, on the heartbeat's thread): one per job, however
+    # many runs start within five minutes.
     assert [tuple(s) for s in samples] == [("send_receipt", 7), ("process_item", 25), ("make_thumbnails", 0)]
     chart = Client(create_app(jobapp.jobs, sqlite_engine)).get("/").get_data(as_text=True)
     assert re.search(r'"pending": \[\[(null, )+25\]', chart), "the overview's chart ends with the sample just taken"

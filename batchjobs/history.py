@@ -49,8 +49,8 @@ STALE_AFTER = timedelta(seconds=60)
 MIN_BEAT_TIMEOUT = 2.0
 #: How far back a starting run looks for runs of its host that ended without recording their end.
 ORPHANS_WITHIN = timedelta(hours=1)
-#: How often pending rows are counted into the backlog history (the web page's 24-hour chart):
-#: by the first run that starts after this long, and by long-running workers as they beat.
+#: How often pending rows are counted into the backlog history (the web page's 24-hour chart): by
+#: the first run to end after this long, and by long-running runs and workers as they beat.
 BACKLOG_EVERY = timedelta(minutes=5)
 #: How long counting may wait for a table lock (a migration holds the table) before that sample
 #: is skipped: a sample is worth less than the run's own work.
@@ -231,17 +231,26 @@ class RunRecorder:
             self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
             closed = self._close_orphans(connection, now, host)
         _open_here.add(self._key)
+        self._next_sample = now + BACKLOG_EVERY
         for run_id, pid in closed:
             logger.warning(
                 "run %s (pid %d) ended without recording its end (its process is gone); recorded as failed", run_id, pid
             )
 
-    def _sample_backlog(self) -> None:
-        """Count the jobs' pending rows into the backlog history, unless a run did so lately.
+    def _due_samples(self, connection: Connection, now: datetime) -> list[FlagJob]:
+        """The jobs whose pending rows no run counted in the last :data:`BACKLOG_EVERY`.
 
-        Runs on the heartbeat's thread, in a transaction of its own that waits at most
-        :data:`BACKLOG_LOCK_WAIT` for a table lock, so it never holds up the run's own work; a
-        sample that fails is skipped with one line.
+        Per job: runs of different queues each keep their own jobs' history going.
+        """
+        recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY) if self.backlog else set()
+        return [job for job in self.backlog if job.name not in recent]
+
+    def _sample_backlog(self, due: Sequence[FlagJob] | None = None) -> None:
+        """Count the ``due`` jobs' pending rows (by default, those :meth:`_due_samples` names) into
+        the backlog history.
+
+        In a transaction of its own that waits at most :data:`BACKLOG_LOCK_WAIT` for a table lock
+        (a migration): a sample is worth less than the run, so one that fails is skipped with a line.
         """
         now = self.clock()
         self._next_sample = now + BACKLOG_EVERY
@@ -249,13 +258,11 @@ class RunRecorder:
             # A writing transaction from its start (SQLite: BEGIN IMMEDIATE), so that it waits its
             # turn behind a chunk rather than failing to upgrade from reading to writing.
             with self.store.claiming().begin() as connection:
-                # Per job: runs of different queues each keep their own jobs' history going.
-                recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY)
-                due = [job for job in self.backlog if job.name not in recent]
-                if due:
+                jobs = self._due_samples(connection, now) if due is None else due
+                if jobs:
                     self.store.limit_lock_wait(connection, BACKLOG_LOCK_WAIT)
-                    self.store.record_backlog(connection, due, now, prune_before=now - self.keep_for)
-        except DBAPIError as exc:
+                    self.store.record_backlog(connection, jobs, now, prune_before=now - self.keep_for)
+        except Exception as exc:  # noqa: BLE001 - history must never be what takes a run down
             logger.warning("backlog history: pending rows not counted this time: %s", _first_line(exc, self.store.engine.url))
 
     def _close_orphans(self, connection: Connection, now: datetime, host: str) -> list[tuple[int, int]]:
@@ -284,14 +291,12 @@ class RunRecorder:
 
     def _beat(self) -> None:
         sampling: _Write | None = None
-        while True:
-            if self.backlog and (sampling is None or sampling.done):
-                if self._next_sample is None or self.clock() >= self._next_sample:
-                    # As the run starts, and then every few minutes (a worker runs for days).
-                    sampling = _Write(self._sample_backlog)
-                    sampling.wait(self.beat_timeout)
-            if self._stopped.wait(self.heartbeat_every):
-                return
+        while not self._stopped.wait(self.heartbeat_every):
+            due = self._next_sample is not None and self.clock() >= self._next_sample
+            if self.backlog and due and (sampling is None or sampling.done):
+                # A worker runs for days (and a run may last long): every few minutes, beside its work.
+                sampling = _Write(self._sample_backlog)
+                sampling.wait(self.beat_timeout)
             error = self._attempt()
             if error is None:
                 if self._failing:
@@ -308,7 +313,10 @@ class RunRecorder:
         if self._in_flight is None or self._in_flight.done:
             now = self.clock()
             values: dict[str, object] = {"heartbeat_at": now, **_progress(self.summary)}
-            self._in_flight = _Write(lambda: self._save(values))
+            def save() -> None:
+                self._save(values)
+
+            self._in_flight = _Write(save)
         write = self._in_flight
         if not write.wait(self.beat_timeout):
             return _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
@@ -327,9 +335,16 @@ class RunRecorder:
                 # A beat landing after the end would overwrite the final counts with older ones.
                 self._in_flight.wait(self.beat_timeout)
             now = self.clock()
-            self._save({"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)})
+            # A run that failed may have lost its database: it records its end and nothing more.
+            sample = bool(self.backlog) and outcome != "failed"
+            due = self._save(
+                {"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)}, sample=sample
+            )
         finally:
             _open_here.discard(self._key)
+        if due:
+            # After the run's work, so that counting never waits beside it: the backlog it leaves.
+            self._sample_backlog(due)
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -362,9 +377,11 @@ class RunRecorder:
             f"{_first_line(error, self.store.engine.url)}; the next run on this host records it as failed"
         )
 
-    def _save(self, values: dict[str, object]) -> None:
+    def _save(self, values: dict[str, object], sample: bool = False) -> list[FlagJob]:
+        """Write the run's row; with ``sample``, return the jobs due for a backlog sample."""
         with self.store.engine.begin() as connection:
             self.store.save_run(connection, self.run_id, values)
+            return self._due_samples(connection, self.clock()) if sample else []
 
 
 class RunEndNotRecorded(BatchJobsError):

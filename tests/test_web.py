@@ -336,7 +336,7 @@ def test_database_not_migrated_is_a_clear_503(tmp_path: Path) -> None:
 
 def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> None:
     now = webdata.seed(sqlite_engine, history=False)
-    # Every pending row backs off, so the runs change nothing while the sample is taken beside them.
+    # Every pending row backs off, so the runs leave each backlog as it was.
     with sqlite_engine.begin() as conn:
         conn.execute(
             FAILURES.insert(),
@@ -350,8 +350,7 @@ def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> No
 
     with sqlite_engine.connect() as conn:
         samples = conn.execute(select(BACKLOG.c.job, BACKLOG.c.pending).order_by(BACKLOG.c.id)).all()
-    # Taken as each run starts (beside its work, on the heartbeat's thread): one per job, however
-    # many runs start within five minutes.
+    # Taken as each run ends: one per job, however many runs end within five minutes.
     assert [tuple(s) for s in samples] == [("send_receipt", 7), ("process_item", 25), ("make_thumbnails", 0)]
     chart = Client(create_app(jobapp.jobs, sqlite_engine)).get("/").get_data(as_text=True)
     assert re.search(r'"pending": \[\[(null, )+25\]', chart), "the overview's chart ends with the sample just taken"
@@ -373,23 +372,27 @@ def test_a_long_running_worker_samples_the_backlog_as_its_heartbeat_comes_round(
         with sqlite_engine.connect() as conn:
             return [tuple(row) for row in conn.execute(select(BACKLOG.c.job, BACKLOG.c.pending, BACKLOG.c.sampled_at))]
 
+    def beaten() -> bool:
+        with sqlite_engine.connect() as conn:
+            last = conn.execute(select(RUNS.c.heartbeat_at).where(RUNS.c.id == recorder.run_id)).scalar_one()
+        return bool(last >= clock())
+
     recorder.open()
     with recorder.running():
         recorder.start_heartbeat()
-        wait_for(lambda: len(samples()) == 1, "the sample taken as the worker starts")
+        minutes[0] = 4  # within five minutes of the start: no sample yet
+        wait_for(beaten, "a heartbeat four minutes on")
+        assert samples() == []
+        minutes[0] = 6
+        wait_for(lambda: len(samples()) == 1, "the sample of a heartbeat six minutes on")
         with sqlite_engine.begin() as conn:
             conn.execute(jobapp.Item.__table__.update().where(jobapp.Item.id > 30).values(processed=True))
-        minutes[0] = 4  # heartbeats within five minutes of the last sample take none
-
-        def beaten() -> bool:
-            with sqlite_engine.connect() as conn:
-                last = conn.execute(select(RUNS.c.heartbeat_at).where(RUNS.c.id == recorder.run_id)).scalar_one()
-            return bool(last >= clock())
-
-        wait_for(beaten, "a heartbeat four minutes on")
+        minutes[0] = 10  # within five minutes of that sample
+        wait_for(beaten, "a heartbeat ten minutes on")
         assert len(samples()) == 1
-        minutes[0] = 6
-        wait_for(lambda: len(samples()) == 2, "the sample of a heartbeat six minutes on")
+        minutes[0] = 12
+        wait_for(lambda: len(samples()) == 2, "the sample of a heartbeat twelve minutes on")
+    # The worker's end takes none either: the last sample is not five minutes old.
     assert [(name, pending) for name, pending, _ in samples()] == [("process_item", 25), ("process_item", 15)]
 
 

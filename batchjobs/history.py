@@ -52,8 +52,8 @@ ORPHANS_WITHIN = timedelta(hours=1)
 #: How often pending rows are counted into the backlog history (the web page's 24-hour chart): by
 #: the first run to end after this long, and by long-running runs and workers as they beat.
 BACKLOG_EVERY = timedelta(minutes=5)
-#: How long counting may wait for a table lock (a migration holds the table) before that sample
-#: is skipped: a sample is worth less than the run's own work.
+#: How long counting may wait for a table (a migration holds it) before it is cancelled and that
+#: sample skipped: a sample is worth less than the run's own work.
 BACKLOG_LOCK_WAIT = 1.0
 
 # Runs open in this process, by (database, run id): a run recorded with this process's pid that is
@@ -249,19 +249,30 @@ class RunRecorder:
         """Count the ``due`` jobs' pending rows (by default, those :meth:`_due_samples` names) into
         the backlog history.
 
-        In a transaction of its own that waits at most :data:`BACKLOG_LOCK_WAIT` for a table lock
-        (a migration): a sample is worth less than the run, so one that fails is skipped with a line.
+        In a transaction of its own, cancelled after :data:`BACKLOG_LOCK_WAIT` if a table keeps it
+        waiting (a migration): a sample is worth less than the run, so one that fails is skipped
+        with a line.
         """
+        from batchjobs.savepoints import StatementCounter
+        from batchjobs.watchdog import Watchdog
+
         now = self.clock()
         self._next_sample = now + BACKLOG_EVERY
         try:
             # A writing transaction from its start (SQLite: BEGIN IMMEDIATE), so that it waits its
             # turn behind a chunk rather than failing to upgrade from reading to writing.
-            with self.store.claiming().begin() as connection:
-                jobs = self._due_samples(connection, now) if due is None else due
-                if jobs:
-                    self.store.limit_lock_wait(connection, BACKLOG_LOCK_WAIT)
-                    self.store.record_backlog(connection, jobs, now, prune_before=now - self.keep_for)
+            with self.store.claiming().connect() as connection:
+                # As for claims: a count still waiting for its table after the limit is cancelled,
+                # whatever lock it waits for (MySQL's metadata locks know no lock timeout).
+                watchdog = Watchdog(self.store, connection.connection.dbapi_connection, StatementCounter(connection))
+                try:
+                    with connection.begin():
+                        jobs = self._due_samples(connection, now) if due is None else due
+                        if jobs:
+                            with watchdog.limit(BACKLOG_LOCK_WAIT):
+                                self.store.record_backlog(connection, jobs, now, prune_before=now - self.keep_for)
+                finally:
+                    watchdog.stop()
         except Exception as exc:  # noqa: BLE001 - history must never be what takes a run down
             logger.warning("backlog history: pending rows not counted this time: %s", _first_line(exc, self.store.engine.url))
 

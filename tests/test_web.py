@@ -21,7 +21,7 @@ import jobapp
 import pytest
 import webdata
 from conftest import BATCHJOBS, cli_env, run_cli, url_of, wait_for
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select, text
 
 from batchjobs import run_pending
 from batchjobs.db import create_engine
@@ -354,6 +354,24 @@ def test_runs_sample_the_backlog_every_five_minutes(sqlite_engine: Engine) -> No
     assert [tuple(s) for s in samples] == [("send_receipt", 7), ("process_item", 25), ("make_thumbnails", 0)]
     chart = Client(create_app(jobapp.jobs, sqlite_engine)).get("/").get_data(as_text=True)
     assert re.search(r'"pending": \[\[(null, )+25\]', chart), "the overview's chart ends with the sample just taken"
+
+
+def test_a_table_a_migration_holds_costs_the_sample_not_the_run(pg_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    webdata.seed(pg_engine, history=False)
+    with pg_engine.connect() as migration:
+        migration.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        with caplog.at_level(logging.WARNING, logger="batchjobs"):
+            summary = run_pending(jobapp.jobs, pg_engine, lock_timeout=0.5)
+        migration.rollback()
+
+    assert summary.jobs["send_receipt"].done == 7, "the other jobs' rows were handled"
+    lines = [record.getMessage() for record in caplog.records]
+    assert "job process_item: its table stayed locked for 500ms (a migration?); skipped in this run" in lines
+    assert [line for line in lines if line.startswith("backlog history")] == [
+        "backlog history: pending rows not counted this time: canceling statement due to user request"
+    ]
+    with pg_engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(BACKLOG)).scalar_one() == 0
 
 
 def test_a_long_running_worker_samples_the_backlog_as_its_heartbeat_comes_round(sqlite_engine: Engine) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine
+from batchjobs.errors import BatchJobsError
 from batchjobs.registry import Registry
 from batchjobs.web.app import UserOf, WebApp
 
@@ -32,6 +33,8 @@ def create_app(
     out when your app's own login is in front. The overview reloads every ``refresh`` seconds
     (0: never).
     """
+    if refresh < 0:
+        raise BatchJobsError(f"refresh must be 0 (never) or more seconds, got {refresh}")
     engine = engine_or_url if isinstance(engine_or_url, Engine) else create_engine(engine_or_url)
     return WebApp(registry, engine, read_only=read_only, user=user, auth=auth, refresh=refresh)
 

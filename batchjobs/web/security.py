@@ -11,7 +11,6 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import os
 import secrets
 
 from werkzeug.wrappers import Request
@@ -54,16 +53,6 @@ def parse_auth(value: str) -> tuple[str, str]:
     if not sep or not user or not password:
         raise BatchJobsError("--auth: give user:password, both non-empty")
     return user, password
-
-
-def auth_from_env() -> tuple[str, str] | None:
-    value = os.environ.get(AUTH_ENV, "")
-    if not value:
-        return None
-    try:
-        return parse_auth(value)
-    except BatchJobsError:
-        raise BatchJobsError(f"${AUTH_ENV}: give user:password, both non-empty") from None
 
 
 def basic_auth_user(request: Request, expected: tuple[str, str]) -> str | None:

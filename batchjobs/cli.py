@@ -918,3 +918,57 @@ def metrics_command(state: _State, textfile: Path | None) -> None:
         click.echo(render(metrics), nl=False)
     else:
         write_textfile(metrics, textfile)
+
+
+@main.command("web")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; beyond the loopback, needs --auth.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True, help="Port (0: any free one).")
+@click.option(
+    "--auth",
+    metavar="USER:PASSWORD",
+    envvar="BATCHJOBS_WEB_AUTH",
+    help="Ask for this user name and password (HTTP Basic). Or $BATCHJOBS_WEB_AUTH, which keeps it out of `ps`.",
+)
+@click.option("--read-only", is_flag=True, help="Show no buttons and refuse every change.")
+@click.pass_obj
+def web_command(state: _State, host: str, port: int, auth: str | None, read_only: bool) -> None:
+    """Serve the web page: queues, backlogs over 24 hours, failures with tracebacks, retry.
+
+    Binds 127.0.0.1 by default; to listen elsewhere, give a password. Behind TLS and your own login,
+    mount `batchjobs.web.create_app(...)` in your app instead. Every change is logged to stderr with
+    who made it. Needs: pip install 'batchjobs[web]'.
+    """
+    import logging
+    import signal
+
+    try:
+        from batchjobs.web import create_app
+        from batchjobs.web.security import check_bind, parse_auth
+        from batchjobs.web.serve import serve
+    except ImportError as exc:
+        raise BatchJobsError(f"the web page needs {exc.name}: pip install 'batchjobs[web]'") from None
+
+    credentials = parse_auth(auth) if auth else None
+    check_bind(host, credentials)
+    registry = state.registry()
+    engine = state.engine()
+    with connect(engine) as connection:
+        check_schema(connection)  # one clear line now, rather than an error page later
+    app = create_app(registry, engine, read_only=read_only, auth=credentials)
+    logging.getLogger("batchjobs.web").setLevel(logging.INFO)
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    mode = ("password" if credentials else "no password") + (", read-only" if read_only else "")
+
+    def ready(url: str) -> None:
+        click.echo(f"batchjobs web page at {url} ({mode}; Ctrl-C stops it)")
+
+    try:
+        serve(app, host, port, ready=ready)
+    except OSError as exc:
+        raise BatchJobsError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except KeyboardInterrupt:
+        pass

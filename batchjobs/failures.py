@@ -127,9 +127,16 @@ def _failures_of(
 
 
 def list_failures(
-    registry: Registry, bind: Engine | Connection, job: str | None = None, dead_only: bool = False
+    registry: Registry,
+    bind: Engine | Connection,
+    job: str | None = None,
+    dead_only: bool = False,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
 ) -> list[FailureInfo]:
-    """Failing and dead rows, oldest failure first; one job's when ``job`` is given. Reads only."""
+    """Failing and dead rows, oldest failure first; one job's when ``job`` is given; with ``limit``,
+    that many after the first ``offset``. Reads only."""
     with _failures_of(registry, bind, job) as (store, connection, name):
         return [
             FailureInfo(
@@ -144,7 +151,7 @@ def list_failures(
                 error_type=f.error_type,
                 error_message=f.error_message,
             )
-            for f in store.failures(connection, name, dead_only)
+            for f in store.failures(connection, name, dead_only, limit, offset)
         ]
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
@@ -35,6 +35,9 @@ from batchjobs.store.tables import RunRecord
 from batchjobs.summary import RunSummary
 from batchjobs.timeutil import format_duration, parse_duration
 
+if TYPE_CHECKING:
+    from batchjobs.registry import FlagJob
+
 logger = logging.getLogger("batchjobs")
 
 HEARTBEAT_EVERY = 5.0
@@ -46,6 +49,12 @@ STALE_AFTER = timedelta(seconds=60)
 MIN_BEAT_TIMEOUT = 2.0
 #: How far back a starting run looks for runs of its host that ended without recording their end.
 ORPHANS_WITHIN = timedelta(hours=1)
+#: How often pending rows are counted into the backlog history (the web page's 24-hour chart): by
+#: the first run to end after this long, and by long-running runs and workers as they beat.
+BACKLOG_EVERY = timedelta(minutes=5)
+#: How long counting may wait for a table (a migration holds it) before it is cancelled and that
+#: sample skipped: a sample is worth less than the run's own work.
+BACKLOG_LOCK_WAIT = 1.0
 
 # Runs open in this process, by (database, run id): a run recorded with this process's pid that is
 # not among them ended here without recording its end.
@@ -178,8 +187,12 @@ class RunRecorder:
         keep_for: timedelta = timedelta(days=7),
         heartbeat_every: float | None = None,
         kind: str = "run",
+        backlog: Sequence[FlagJob] = (),
     ) -> None:
         self.kind = kind
+        #: The jobs whose pending rows this run counts into the backlog history.
+        self.backlog = backlog
+        self._next_sample: datetime | None = None
         self.store = store
         self.summary = summary
         self.queues = queues
@@ -218,10 +231,50 @@ class RunRecorder:
             self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
             closed = self._close_orphans(connection, now, host)
         _open_here.add(self._key)
+        self._next_sample = now + BACKLOG_EVERY
         for run_id, pid in closed:
             logger.warning(
                 "run %s (pid %d) ended without recording its end (its process is gone); recorded as failed", run_id, pid
             )
+
+    def _due_samples(self, connection: Connection, now: datetime) -> list[FlagJob]:
+        """The jobs whose pending rows no run counted in the last :data:`BACKLOG_EVERY`.
+
+        Per job: runs of different queues each keep their own jobs' history going.
+        """
+        recent = self.store.sampled_jobs(connection, now - BACKLOG_EVERY) if self.backlog else set()
+        return [job for job in self.backlog if job.name not in recent]
+
+    def _sample_backlog(self, due: Sequence[FlagJob] | None = None) -> None:
+        """Count the ``due`` jobs' pending rows (by default, those :meth:`_due_samples` names) into
+        the backlog history.
+
+        In a transaction of its own, cancelled after :data:`BACKLOG_LOCK_WAIT` if a table keeps it
+        waiting (a migration): a sample is worth less than the run, so one that fails is skipped
+        with a line.
+        """
+        from batchjobs.savepoints import StatementCounter
+        from batchjobs.watchdog import Watchdog
+
+        now = self.clock()
+        self._next_sample = now + BACKLOG_EVERY
+        try:
+            # A writing transaction from its start (SQLite: BEGIN IMMEDIATE), so that it waits its
+            # turn behind a chunk rather than failing to upgrade from reading to writing.
+            with self.store.claiming().connect() as connection:
+                # As for claims: a count still waiting for its table after the limit is cancelled,
+                # whatever lock it waits for (MySQL's metadata locks know no lock timeout).
+                watchdog = Watchdog(self.store, connection.connection.dbapi_connection, StatementCounter(connection))
+                try:
+                    with connection.begin():
+                        jobs = self._due_samples(connection, now) if due is None else due
+                        if jobs:
+                            with watchdog.limit(BACKLOG_LOCK_WAIT):
+                                self.store.record_backlog(connection, jobs, now, prune_before=now - self.keep_for)
+                finally:
+                    watchdog.stop()
+        except Exception as exc:  # noqa: BLE001 - history must never be what takes a run down
+            logger.warning("backlog history: pending rows not counted this time: %s", _first_line(exc, self.store.engine.url))
 
     def _close_orphans(self, connection: Connection, now: datetime, host: str) -> list[tuple[int, int]]:
         # Only this host's runs: elsewhere, whether a pid is alive cannot be known, and a stale
@@ -248,7 +301,13 @@ class RunRecorder:
         self._heart.start()
 
     def _beat(self) -> None:
+        sampling: _Write | None = None
         while not self._stopped.wait(self.heartbeat_every):
+            due = self._next_sample is not None and self.clock() >= self._next_sample
+            if self.backlog and due and (sampling is None or sampling.done):
+                # A worker runs for days (and a run may last long): every few minutes, beside its work.
+                sampling = _Write(self._sample_backlog)
+                sampling.wait(self.beat_timeout)
             error = self._attempt()
             if error is None:
                 if self._failing:
@@ -263,8 +322,12 @@ class RunRecorder:
     def _attempt(self) -> BaseException | None:
         """One heartbeat write, waited for at most ``beat_timeout``: None once it is saved."""
         if self._in_flight is None or self._in_flight.done:
-            values = {"heartbeat_at": self.clock(), **_progress(self.summary)}
-            self._in_flight = _Write(lambda: self._save(**values))
+            now = self.clock()
+            values: dict[str, object] = {"heartbeat_at": now, **_progress(self.summary)}
+            def save() -> None:
+                self._save(values)
+
+            self._in_flight = _Write(save)
         write = self._in_flight
         if not write.wait(self.beat_timeout):
             return _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
@@ -283,9 +346,16 @@ class RunRecorder:
                 # A beat landing after the end would overwrite the final counts with older ones.
                 self._in_flight.wait(self.beat_timeout)
             now = self.clock()
-            self._save(heartbeat_at=now, finished_at=now, outcome=outcome, **_progress(self.summary))
+            # A run that failed may have lost its database: it records its end and nothing more.
+            sample = bool(self.backlog) and outcome != "failed"
+            due = self._save(
+                {"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)}, sample=sample
+            )
         finally:
             _open_here.discard(self._key)
+        if due:
+            # After the run's work, so that counting never waits beside it: the backlog it leaves.
+            self._sample_backlog(due)
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -318,9 +388,11 @@ class RunRecorder:
             f"{_first_line(error, self.store.engine.url)}; the next run on this host records it as failed"
         )
 
-    def _save(self, **values: object) -> None:
+    def _save(self, values: dict[str, object], sample: bool = False) -> list[FlagJob]:
+        """Write the run's row; with ``sample``, return the jobs due for a backlog sample."""
         with self.store.engine.begin() as connection:
             self.store.save_run(connection, self.run_id, values)
+            return self._due_samples(connection, self.clock()) if sample else []
 
 
 class RunEndNotRecorded(BatchJobsError):
@@ -349,19 +421,21 @@ def record_run(
     keep_for: timedelta = timedelta(days=7),
     record: bool = True,
     kind: str = "run",
+    backlog: Sequence[FlagJob] = (),
 ) -> Iterator[RunRecorder | None]:
     """Record the run whose counts ``summary`` collects, from start to finish; yields the recorder.
 
     If the block raises, the run is recorded as failed (see :meth:`RunRecorder.running`); SIGKILL
     leaves it unfinished, and its stale heartbeat tells the rest. Without ``record`` (a worker of
     a run recorded elsewhere) nothing is written and None is yielded, but an error that ends the
-    run still carries its counts.
+    run still carries its counts. The ``backlog`` jobs' pending rows are counted into the backlog
+    history every :data:`BACKLOG_EVERY`.
     """
     if not record:
         with counted(summary):
             yield None
         return
-    recorder = RunRecorder(store, summary, queues, clock, keep_for, kind=kind)
+    recorder = RunRecorder(store, summary, queues, clock, keep_for, kind=kind, backlog=backlog)
     recorder.open()
     with recorder.running():
         recorder.start_heartbeat()

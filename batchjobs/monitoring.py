@@ -187,3 +187,15 @@ def status(
         last_run=_run_info(latest, now) if latest is not None else None,
         alive=[run for run in runs if run.outcome == "running"],
     )
+
+
+def run_history(
+    registry: Registry, bind: Engine | Connection, *, limit: int = 50, offset: int = 0, now: datetime | None = None
+) -> tuple[list[RunInfo], int]:
+    """A page of the run history, newest first, and how many runs it holds in all. Reads only."""
+    now = now or utcnow()
+    with connection_for(bind) as connection:
+        store = store_for(connection.engine)
+        runs = store.runs_page(connection, limit, offset)
+        total = store.run_count(connection)
+    return [_run_info(run, now) for run in runs], total

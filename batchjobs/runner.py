@@ -74,7 +74,7 @@ def run_pending(
     stop = stop if stop is not None else StopRequest()
     started = time.monotonic()
     summary = RunSummary(jobs={job.name: JobStats() for job in selected})
-    history = record_run(store, summary, queues, clock, keep_for=registry.keep_history, record=record)
+    history = record_run(store, summary, queues, clock, keep_for=registry.keep_history, record=record, backlog=selected)
     deadline = started + max_runtime if max_runtime is not None else None
     with history, running(registry, store, commit_interval, lock_timeout, stop, deadline, clock, raise_errors) as run:
         drained = run.drain(selected, summary, batch_size)

@@ -95,7 +95,9 @@ def run_worker(
         poll_every=poll_every,
         backstop_every=backstop_every,
     )
-    with record_run(store, summary, queues, clock, keep_for=registry.keep_history, record=record, kind="worker"):
+    with record_run(
+        store, summary, queues, clock, keep_for=registry.keep_history, record=record, kind="worker", backlog=selected
+    ):
         worker.run()
         summary.seconds = time.monotonic() - started
         summary.stopped_by = worker.stop.reason

@@ -117,7 +117,8 @@ def _run_threads(
             stop.set(WORKER_ERROR)
 
     threads = [threading.Thread(target=worker, name=f"batchjobs-worker-{i}") for i in range(count)]
-    with record_run(store_for(engine), total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind):
+    backlog = registry.select(jobs=work["jobs"], queues=work["queues"])
+    with record_run(store_for(engine), total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind, backlog=backlog):
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -167,7 +168,8 @@ def _run_processes(
     # The run is recorded before forking: on SQLite the parent's INSERT would otherwise queue for
     # the write lock behind its busy children, and a parent stuck there cannot react to SIGTERM.
     store = store_for(engine)
-    recorder = RunRecorder(store, total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind)
+    backlog = registry.select(jobs=work["jobs"], queues=work["queues"])
+    recorder = RunRecorder(store, total, work["queues"], utcnow, keep_for=registry.keep_history, kind=kind, backlog=backlog)
     recorder.open()
     with recorder.running():
         # fork: the app's registry, models and handlers are inherited as they are, nothing is pickled.

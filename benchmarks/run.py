@@ -32,6 +32,7 @@ import benchapp
 import pg
 import psycopg
 import sqlalchemy
+import webbench
 from sqlalchemy.engine import URL
 
 from batchjobs import run_pending
@@ -998,6 +999,7 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "inserts": insert_scenario,
     "celery": celery_scenario,
     "callgrind": callgrind_scenario,
+    "web": webbench.web_scenario,
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
 #: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency.

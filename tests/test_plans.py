@@ -221,3 +221,40 @@ def test_a_claim_of_given_keys_looks_them_up_by_key(engine: Engine) -> None:
         assert "type=ALL" not in walk and "type=index" not in walk, plan
     else:
         assert "SCAN items" not in plan, plan
+def test_web_overview_queries_on_a_million_rows_ride_the_partial_index(pg_engine: Engine) -> None:
+    """Every statement the web page's overview sends to an app table walks the pending index."""
+    import pytest
+    from sqlalchemy import event
+
+    pytest.importorskip("werkzeug", reason="the web page needs Werkzeug: pip install 'batchjobs[web]'")
+    from werkzeug.test import Client
+
+    from batchjobs.web import create_app
+
+    engine = pg_engine
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO items (id, category, processed) SELECT g, 'a', g % 100 <> 0 FROM generate_series(1, 1000000) g"))
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+    sent: list[tuple[str, object]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def capture(_conn: object, _cursor: object, statement: str, parameters: object, _context: object, _many: bool) -> None:
+        if re.search(r"\bFROM items\b", statement):
+            sent.append((statement, parameters))
+
+    page = Client(create_app(jobapp.jobs, engine)).get("/")
+    event.remove(engine, "before_cursor_execute", capture)
+
+    assert page.status_code == 200 and '<td class="num pending">10000</td>' in page.get_data(as_text=True)
+    assert len(sent) == 2, sent  # the pending count and the oldest pending row of process_item
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for statement, parameters in sent:
+            cursor.execute(f"EXPLAIN {statement}", parameters)
+            plan = "\n".join(str(row[0]) for row in cursor.fetchall())
+            assert "ix_items_processed_pending" in plan and "Seq Scan on items" not in plan, (statement, plan)
+    finally:
+        raw.close()

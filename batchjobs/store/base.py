@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
 from batchjobs.errors import BatchJobsError
-from batchjobs.store.tables import FAILURES, RUNS, VERSION_TABLE, BackfillState, Failure, RunRecord, UTCDateTime
+from batchjobs.store.tables import BACKLOG, FAILURES, RUNS, VERSION_TABLE, BackfillState, Failure, RunRecord, UTCDateTime
 from batchjobs.timeutil import as_utc
 
 if TYPE_CHECKING:
@@ -322,13 +322,23 @@ class Store:
         """Whether any failure record names this job (it may no longer be registered)."""
         return connection.scalar(select(Failure.job).where(Failure.job == job_name).limit(1)) is not None
 
-    def failures(self, connection: Connection, job_name: str | None = None, dead_only: bool = False) -> list[Failure]:
-        """Failure records, oldest failure first, detached from any session."""
+    def failures(
+        self,
+        connection: Connection,
+        job_name: str | None = None,
+        dead_only: bool = False,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Failure]:
+        """Failure records, oldest failure first, detached from any session; ``limit`` of them
+        after the first ``offset``, when given."""
         stmt = select(Failure).order_by(Failure.job, Failure.first_failed_at, Failure.row_key)
         if job_name is not None:
             stmt = stmt.where(Failure.job == job_name)
         if dead_only:
             stmt = stmt.where(Failure.dead.is_(True))
+        if limit is not None:
+            stmt = stmt.limit(limit).offset(offset)
         with Session(connection, expire_on_commit=False) as session:
             found = list(session.scalars(stmt))
             session.expunge_all()
@@ -466,6 +476,37 @@ class Store:
             stmt = stmt.where(("," + RunRecord.jobs + ",").contains(f",{job_name},"))
         found = self._detached(connection, stmt.limit(1))
         return found[0] if found else None
+
+    # -- for the web page: backlog history and pages of run history ------------------------------------
+
+    def sampled_jobs(self, connection: Connection, since: datetime) -> set[str]:
+        """Names of the jobs whose pending rows were counted into the backlog history since ``since``."""
+        return set(connection.scalars(select(BACKLOG.c.job).where(BACKLOG.c.sampled_at >= since).distinct()))
+
+    def record_backlog(self, connection: Connection, jobs: Sequence[FlagJob], now: datetime, prune_before: datetime) -> None:
+        """Forget samples taken before ``prune_before`` and record each job's pending rows now."""
+        connection.execute(delete(BACKLOG).where(BACKLOG.c.sampled_at < prune_before))
+        rows = [{"sampled_at": now, "job": job.name, "pending": self.pending_count(connection, job)} for job in jobs]
+        if rows:
+            connection.execute(insert(BACKLOG), rows)
+
+    def backlog_since(self, connection: Connection, since: datetime) -> list[tuple[str, datetime, int]]:
+        """(job, sampled at, pending) of the samples taken at or after ``since``, oldest first."""
+        stmt = (
+            select(BACKLOG.c.job, BACKLOG.c.sampled_at, BACKLOG.c.pending)
+            .where(BACKLOG.c.sampled_at >= since)
+            .order_by(BACKLOG.c.sampled_at, BACKLOG.c.id)
+        )
+        return [(job, as_utc(at), int(pending)) for job, at, pending in connection.execute(stmt)]
+
+    def runs_page(self, connection: Connection, limit: int, offset: int) -> list[RunRecord]:
+        """``limit`` runs, newest first, after skipping the ``offset`` newest, detached."""
+        stmt = select(RunRecord).order_by(RunRecord.started_at.desc(), RunRecord.id.desc()).limit(limit).offset(offset)
+        return self._detached(connection, stmt)
+
+    def run_count(self, connection: Connection) -> int:
+        """How many runs the history holds."""
+        return int(connection.execute(select(func.count()).select_from(RUNS)).scalar_one())
 
     @staticmethod
     def _detached(connection: Connection, stmt: Select[Any]) -> list[Any]:

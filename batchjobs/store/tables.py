@@ -16,7 +16,7 @@ from sqlalchemy.types import TypeEngine
 from batchjobs.timeutil import as_utc
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 
@@ -144,7 +144,23 @@ class RunRecord(Base):
     kind: Mapped[str] = mapped_column(String(20), default="run", server_default="run")
 
 
+class BacklogSample(Base):
+    """How many rows a job had pending at one moment: the backlog's history, for the web page's chart.
+
+    Written by runs and workers every few minutes (see batchjobs.history), pruned with the run
+    history. Two runs starting together may both write a sample; readers take the latest.
+    """
+
+    __tablename__ = "batchjobs_backlog"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sampled_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    job: Mapped[str] = mapped_column(String(200))
+    pending: Mapped[int] = mapped_column(BigInteger)
+
+
 metadata = Base.metadata
 #: The tables themselves, for Core statements.
 FAILURES = cast(Table, Failure.__table__)
 RUNS = cast(Table, RunRecord.__table__)
+BACKLOG = cast(Table, BacklogSample.__table__)

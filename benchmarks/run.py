@@ -967,6 +967,19 @@ def server_url(database_url: str | None) -> Iterator[str]:
             yield url
 
 
+def worker_scenario(name: str) -> Callable[..., None]:
+    """A scenario of workerbench.py (`batchjobs worker`), imported when it runs: it imports this module."""
+
+    def scenario(server: Any, sizes: Sizes, report: Report) -> None:
+        import workerbench
+
+        workerbench.SCENARIOS[name](server, sizes, report)
+
+    scenario.__name__ = f"{name}_scenario"
+    return scenario
+
+
+WORKER_SCENARIOS = ("worker_latency", "worker_throughput", "worker_idle", "worker_memory", "trigger_insert")
 SCENARIOS: dict[str, Callable[..., None]] = {
     "drain": drain_scenarios,
     "idle": idle_scenario,
@@ -974,13 +987,17 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "mark": mark_scenario,
     "inserts": insert_scenario,
     "callgrind": callgrind_scenario,
+    **{name: worker_scenario(name) for name in WORKER_SCENARIOS},
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
-#: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency.
+#: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency,
+#: and a polling worker's latency and throughput.
 MYSQL_SCENARIOS: dict[str, Callable[..., None]] = {
     "drain": mysql_drain_scenario,
     "idle": idle_scenario,
     "concurrency": concurrency_scenario,
+    "worker_latency": worker_scenario("worker_latency"),
+    "worker_throughput": worker_scenario("worker_throughput"),
 }
 WITH_BASELINE = ("drain", "callgrind")  # the scenarios that measure a baseline revision beside the current code
 

@@ -22,7 +22,7 @@ import benchapp
 import pg
 import run
 from pgwire import StatementProxy
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Connection, MetaData, Table, insert, text
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine
@@ -65,12 +65,12 @@ class WorkerSizes:
 FULL = WorkerSizes(
     latency_seconds=60, polled_seconds=30, poll_intervals=("1s", "100ms"), throughput_rows=200_000, throughput_rounds=3,
     idle_seconds=120, backstop="30s", memory_wave=100_000, memory_waves=10, memory_gap=3.0,
-    insert_preload=100_000, insert_rounds=20, inserts_per_round=500, batch_rows=10_000, batch_rounds=10,
+    insert_preload=100_000, insert_rounds=40, inserts_per_round=250, batch_rows=10_000, batch_rounds=20,
 )
 QUICK = WorkerSizes(
     latency_seconds=5, polled_seconds=3, poll_intervals=("100ms",), throughput_rows=5_000, throughput_rounds=2,
     idle_seconds=11, backstop="5s", memory_wave=10_000, memory_waves=10, memory_gap=0.5,
-    insert_preload=10_000, insert_rounds=6, inserts_per_round=150, batch_rows=10_000, batch_rounds=2,
+    insert_preload=10_000, insert_rounds=6, inserts_per_round=100, batch_rows=10_000, batch_rounds=2,
 )
 
 
@@ -273,51 +273,97 @@ def latency_scenario(server: Any, _sizes: Any, report: Any) -> None:
 # --- 9: throughput --------------------------------------------------------------------------------
 
 
-def worker_drain(job: str, rows: int) -> Callable[[URL], float]:
-    """Wall time of a whole `batchjobs worker --max-rows N` process on a backlog of N rows, start-up
-    included, as run-pending's is measured: it drains, finds it has handled N rows, and exits."""
-
-    def drain(url: URL) -> float:
-        args = worker_args(pg.render(url), job, "--max-rows", str(rows))
+def timed_process(args: list[str]) -> tuple[float, float, str]:
+    """Wall time, CPU time (user + system, from wait4) and output of one whole process. CPU time
+    moves much less than wall time with what else the machine runs."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.run(args, env=run.cli_env(), cwd=run.HERE, capture_output=True, text=True, timeout=3600)
+        proc = subprocess.Popen(args, env=run.cli_env(), cwd=run.HERE, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started
-        if proc.returncode or "stopped by max-rows" not in proc.stdout:
-            raise RuntimeError(f"batchjobs worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}")
-        return elapsed
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        output = out.read().decode()
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(args[:8])} ... exited {proc.returncode}:\n{err.read().decode()[-4000:]}")
+        return elapsed, usage.ru_utime + usage.ru_stime, output
+
+
+def run_pending_process(job: str) -> Callable[[URL, int], tuple[float, float]]:
+    def drain(url: URL, _rows: int) -> tuple[float, float]:
+        elapsed, cpu, _ = timed_process(run.cli_args(url, job))
+        return elapsed, cpu
 
     return drain
+
+
+def worker_process(job: str) -> Callable[[URL, int], tuple[float, float]]:
+    """A whole `batchjobs worker --max-rows N` process on a backlog of N rows, start-up included,
+    as run-pending's is measured: it drains, finds it has handled N rows, and exits."""
+
+    def drain(url: URL, rows: int) -> tuple[float, float]:
+        elapsed, cpu, output = timed_process(worker_args(pg.render(url), job, "--max-rows", str(rows)))
+        if "stopped by max-rows" not in output:
+            raise RuntimeError(f"the worker did not stop by max-rows: {output}")
+        return elapsed, cpu
+
+    return drain
+
+
+def drained(report: Any, url: URL, rows: int, contender: Callable[[URL, int], tuple[float, float]]) -> tuple[float, float]:
+    """(rows per second, CPU microseconds per row) of one contender on a fresh backlog, after
+    checking that no row is left pending."""
+    rows_of = run.rows_of(url)
+    rows_of.load_rows(url, rows, done=False)
+    elapsed, cpu = contender(url, rows)
+    pending, _ = rows_of.row_counts(url)
+    report.check(pending == 0, f"a drain left {pending} of {rows} rows pending")
+    return rows / elapsed, cpu / rows * 1e6
 
 
 def throughput_scenario(server: Any, _sizes: Any, report: Any) -> None:
     sizes = sizes_for(report)
     n, job = sizes.throughput_rows, "noop_columns"
     section = f"9. Worker throughput, {n:,} rows, no-op"
+    contenders = {"run_pending": run_pending_process(job), "worker": worker_process(job)}
+    speed: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, list[float]] = {name: [] for name in contenders}
     with server.database("worker_throughput") as url:
         if url.get_backend_name() == "postgresql":
             install_triggers(url)  # as in production: the trigger on, the load's INSERT notifies
-        contenders = {"run_pending": run.drain_cli(job), "worker": worker_drain(job, n)}
-        run.drained(report, url, 10 * run.BATCH, run.drain_cli(job))  # warm-up: bytecode, caches
-        run.drained(report, url, 10 * run.BATCH, worker_drain(job, 10 * run.BATCH))
-        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        for contender in contenders.values():
+            drained(report, url, 10 * run.BATCH, contender)  # warm-up: bytecode, caches
         for round_no in range(sizes.throughput_rounds):
             order = list(contenders) if round_no % 2 == 0 else list(reversed(contenders))
             for name in order:
-                samples[name].append(run.drained(report, url, n, contenders[name]))
-                run.log(f"  worker throughput round {round_no + 1}, {name}: {run.rate(samples[name][-1])}")
-    best = {name: max(speeds) for name, speeds in samples.items()}
-    median = {name: statistics.median(speeds) for name, speeds in samples.items()}
-    per_round = [w / r for w, r in zip(samples["worker"], samples["run_pending"])]
+                rows_per_second, cpu_per_row = drained(report, url, n, contenders[name])
+                speed[name].append(rows_per_second)
+                cpu[name].append(cpu_per_row)
+                run.log(f"  worker throughput round {round_no + 1}, {name}: {run.rate(rows_per_second)}, {cpu_per_row:.0f} us CPU/row")
+    best = {name: max(values) for name, values in speed.items()}
+    median = {name: statistics.median(values) for name, values in speed.items()}
+    least_cpu = {name: min(values) for name, values in cpu.items()}
+    per_round = [w / r for w, r in zip(speed["worker"], speed["run_pending"])]
     share = best["worker"] / best["run_pending"]
-    rounds = f"best of {sizes.throughput_rounds}, median {run.rate(median['run_pending'])}"
-    report.add(section, f"batchjobs run-pending CLI process, plain rows ({rounds})", run.rate(best["run_pending"]), "1.00")
+    cpu_share = least_cpu["run_pending"] / least_cpu["worker"]
+    rounds = sizes.throughput_rounds
     report.add(
-        section, f"batchjobs worker --max-rows {n:,} process, same backlog (best of {sizes.throughput_rounds}, median {run.rate(median['worker'])})",
+        section, f"batchjobs run-pending CLI process, plain rows (best of {rounds}; median {run.rate(median['run_pending'])})",
+        run.rate(best["run_pending"]), "1.00",
+    )
+    report.add(
+        section, f"batchjobs worker --max-rows {n:,} process, same backlog (best of {rounds}; median {run.rate(median['worker'])})",
         run.rate(best["worker"]), f"{run.ratio(share)} of run-pending (rounds: {', '.join(run.ratio(r) for r in per_round)})",
         f">= {THROUGHPUT_TARGET:.2f}", run.verdict(share >= THROUGHPUT_TARGET),
     )
+    report.add(
+        section, "client CPU per row (user + system of the process, least of the rounds): run-pending / worker",
+        f"{least_cpu['run_pending']:.1f} / {least_cpu['worker']:.1f} us", f"worker at {run.ratio(cpu_share)} of run-pending's rows per CPU second",
+    )
     report.data["worker_throughput"] = {
-        "rows": n, "job": job, "samples": samples, "best": best, "median": median, "ratio_each_round": per_round, "ratio_best": share,
+        "rows": n, "job": job, "rows_per_second": speed, "cpu_us_per_row": cpu, "best": best, "median": median,
+        "least_cpu_us_per_row": least_cpu, "ratio_each_round": per_round, "ratio_best": share, "cpu_ratio": cpu_share,
     }
 
 
@@ -459,90 +505,125 @@ def memory_scenario(server: Any, _sizes: Any, report: Any) -> None:
 # --- 12: what the trigger costs the app's inserts -------------------------------------------------
 
 
+#: The control table's trigger: a statement trigger that calls an empty function, to tell the
+#: cost of firing a trigger from the cost of the NOTIFY itself.
+EMPTY_TRIGGER = [
+    "CREATE FUNCTION bench_empty_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+    "CREATE TRIGGER bench_empty AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION bench_empty_trigger()",
+]
+
+
 def trigger_insert_scenario(server: Any, _sizes: Any, report: Any) -> None:
     sizes = sizes_for(report)
     section = "12. App INSERT cost of the pending trigger"
-    plain_table, triggered_table = benchapp.FlaggedSignup.__table__, benchapp.TriggeredSignup.__table__
-    tables = {"without": plain_table.name, "with": triggered_table.name}
+    flagged = benchapp.FlaggedSignup.__table__
+    tables = {
+        "without": flagged,
+        "with": benchapp.TriggeredSignup.__table__,
+        "empty_trigger": flagged.to_metadata(MetaData(), name="bench_signups_control"),
+    }
     with server.database("trigger_insert") as url, pg.connect(url, autocommit=True) as conn:
-        for statement in PostgreSQLStore.pending_trigger_sql(triggered_table.name, "welcome_sent", boolean=True):
+        conn.execute(f"CREATE TABLE {tables['empty_trigger'].name} (LIKE {flagged.name} INCLUDING ALL)")
+        for statement in PostgreSQLStore.pending_trigger_sql(tables["with"].name, "welcome_sent", boolean=True):
             conn.execute(statement)
-        for name in tables.values():
+        for statement in EMPTY_TRIGGER:
+            conn.execute(statement.format(table=tables["empty_trigger"].name))
+        for table in tables.values():
             conn.execute(
-                f"INSERT INTO {name} (email, welcome_sent) SELECT 'old' || g || '@example.com', true FROM generate_series(1, %s) g",
+                f"INSERT INTO {table.name} (email, welcome_sent) SELECT 'old' || g || '@example.com', true FROM generate_series(1, %s) g",
                 (sizes.insert_preload,),
             )
-            conn.execute(f"VACUUM ANALYZE {name}")
+            conn.execute(f"VACUUM ANALYZE {table.name}")
         conn.execute("CHECKPOINT")
         engine = create_engine(url)
         try:
-            single = timed_rounds(
-                sizes.insert_rounds, lambda name, r: single_rows(conn, name, r, sizes.inserts_per_round), tables, per=sizes.inserts_per_round
-            )
-            tables_by_name = {"without": plain_table, "with": triggered_table}
-            orm = timed_rounds(
-                sizes.batch_rounds, lambda name, r: sqlalchemy_batch(engine, tables_by_name, name, r, sizes.batch_rows), tables
-            )
-            many = timed_rounds(sizes.batch_rounds, lambda name, r: executemany_batch(url, name, r, sizes.batch_rows), tables)
+            with engine.connect() as app:
+                backend = app.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+                single = timed_rounds(
+                    sizes.insert_rounds, backend, tables, lambda table, r: single_rows(app, table, r, sizes.inserts_per_round),
+                    per=sizes.inserts_per_round,
+                )
+                multi = timed_rounds(sizes.batch_rounds, backend, tables, lambda table, r: batch(app, table, r, sizes.batch_rows, returning=True))
+                per_row = timed_rounds(sizes.batch_rounds, backend, tables, lambda table, r: batch(app, table, r, sizes.batch_rows, returning=False))
         finally:
             engine.dispose()
-        counts = {}
-        for key, name in tables.items():
-            row = conn.execute(f"SELECT count(*) FILTER (WHERE NOT welcome_sent), count(*) FROM {name}").fetchone()
-            counts[key] = row
-    report.check(counts["with"] == counts["without"], f"inserted rows differ between the tables: {counts}")
+        counts = {key: conn.execute(f"SELECT count(*) FILTER (WHERE NOT welcome_sent), count(*) FROM {table.name}").fetchone() for key, table in tables.items()}
+    report.check(len(set(counts.values())) == 1, f"inserted rows differ between the tables: {counts}")
     results = {}
     for key, what, result, unit in (
-        ("single", f"single-row INSERT, autocommit ({sizes.insert_rounds} rounds x {sizes.inserts_per_round})", single, "us/insert"),
-        ("sqlalchemy_batch", f"{sizes.batch_rows:,}-row batch, SQLAlchemy insert() with a list (insertmanyvalues: 1,000-row statements), one transaction ({sizes.batch_rounds} rounds)", orm, "ms/batch"),
-        ("executemany_batch", f"{sizes.batch_rows:,}-row batch, psycopg executemany (a statement per row, pipelined), one transaction ({sizes.batch_rounds} rounds)", many, "ms/batch"),
+        ("single", f"single-row INSERT, each committed ({sizes.insert_rounds} rounds x {sizes.inserts_per_round})", single, "us/insert"),
+        (
+            "multi_row_batch",
+            f"{sizes.batch_rows:,}-row batch, multi-row INSERTs (SQLAlchemy insert().returning() with a list: 1,000 rows a statement), one commit ({sizes.batch_rounds} rounds)",
+            multi, "ms/batch",
+        ),
+        (
+            "per_row_batch",
+            f"{sizes.batch_rows:,}-row batch, an INSERT per row (SQLAlchemy insert() with a list: psycopg executemany, pipelined), one commit ({sizes.batch_rounds} rounds)",
+            per_row, "ms/batch",
+        ),
     ):
         scale = 1e6 if unit.startswith("us") else 1e3
-        cost = statistics.median(result["ratios"])
+        cost = statistics.median(result["ratios"]["with"])
+        control = statistics.median(result["ratios"]["empty_trigger"])
+        cpu = result["cpu_ratio"]
         report.add(
             section, what,
-            f"{result['without'] * scale:,.0f} -> {result['with'] * scale:,.0f} {unit}",
-            f"{run.ratio(cost)} with/without (rounds: {run.ratio(min(result['ratios']))}-{run.ratio(max(result['ratios']))})",
+            f"{result['median']['without'] * scale:,.0f} -> {result['median']['with'] * scale:,.0f} {unit}",
+            f"{run.ratio(cost)} with/without (rounds: {run.ratio(min(result['ratios']['with']))}-{run.ratio(max(result['ratios']['with']))}); "
+            f"server CPU {run.ratio(cpu['with'])}; an empty trigger instead: {run.ratio(control)}, server CPU {run.ratio(cpu['empty_trigger'])}",
             f"<= {TRIGGER_RATIO_TARGET:.2f}", run.verdict(cost <= TRIGGER_RATIO_TARGET),
         )
-        results[key] = {**result, "ratio_median": cost}
+        results[key] = {**result, "ratio_median": cost, "empty_trigger_ratio_median": control}
     report.data["trigger_insert"] = {"preloaded_rows": sizes.insert_preload, "batch_rows": sizes.batch_rows, **results}
 
 
-def timed_rounds(rounds: int, insert_round: Callable[[str, int], None], tables: dict[str, str], per: int = 1) -> dict[str, Any]:
-    """Seconds (per ``per`` rows) of each table's part of each round, alternating which goes first;
-    one untimed round first. Ratios per round: both halves of a round saw the same machine."""
-    seconds: dict[str, list[float]] = {"without": [], "with": []}
+def timed_rounds(rounds: int, backend: int, tables: dict[str, Any], insert_round: Callable[[Any, int], None], per: int = 1) -> dict[str, Any]:
+    """Seconds (per ``per`` rows) of each table's part of each round, rotating which goes first,
+    after one untimed round; ratios to "without" per round, since a round's parts saw the same
+    machine.
+
+    Also the CPU time of the server process (``backend``, on this host) that ran the inserts:
+    what a trigger adds is work in that process, and CPU time moves much less than wall time
+    with the machine's other load. Clock ticks are 10 ms, so it is summed over all rounds.
+    """
+    keys = list(tables)
+    seconds: dict[str, list[float]] = {key: [] for key in keys}
+    cpu: dict[str, float] = {key: 0.0 for key in keys}
     for round_no in range(-1, rounds):
-        order = ["without", "with"] if round_no % 2 == 0 else ["with", "without"]
-        for key in order:
-            started = time.perf_counter()
+        shift = round_no % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            cpu_before, started = cpu_seconds(backend), time.perf_counter()
             insert_round(tables[key], round_no)
             if round_no >= 0:
                 seconds[key].append((time.perf_counter() - started) / per)
-    ratios = [w / wo for w, wo in zip(seconds["with"], seconds["without"])]
-    return {"seconds": seconds, "ratios": ratios, "without": statistics.median(seconds["without"]), "with": statistics.median(seconds["with"])}
+                cpu[key] += cpu_seconds(backend) - cpu_before
+    return {
+        "seconds": seconds,
+        "median": {key: statistics.median(values) for key, values in seconds.items()},
+        "ratios": {key: [a / b for a, b in zip(seconds[key], seconds["without"])] for key in keys},
+        "backend_cpu_seconds": cpu,
+        "cpu_ratio": {key: cpu[key] / cpu["without"] if cpu["without"] else float("nan") for key in keys},
+    }
 
 
-def emails(round_no: int, count: int, kind: str) -> list[str]:
-    return [f"{kind}{round_no}.{i}@example.com" for i in range(count)]
+def emails(round_no: int, count: int, kind: str) -> list[dict[str, str]]:
+    return [{"email": f"{kind}{round_no}.{i}@example.com"} for i in range(count)]
 
 
-def single_rows(conn: Any, table: str, round_no: int, count: int) -> None:
-    for email in emails(round_no, count, "single"):
-        conn.execute(f"INSERT INTO {table} (email) VALUES (%s)", (email,))  # autocommit: one commit each
+def single_rows(app: Connection, table: Table, round_no: int, count: int) -> None:
+    statement = insert(table)
+    for row in emails(round_no, count, "single"):
+        app.execute(statement, row)
+        app.commit()
 
 
-def sqlalchemy_batch(engine: Engine, tables: dict[str, Any], table: str, round_no: int, count: int) -> None:
-    target = next(t for t in tables.values() if t.name == table)
-    with engine.begin() as connection:
-        connection.execute(insert(target), [{"email": email} for email in emails(round_no, count, "orm")])
-
-
-def executemany_batch(url: URL, table: str, round_no: int, count: int) -> None:
-    with pg.connect(url) as conn, conn.cursor() as cursor:
-        cursor.executemany(f"INSERT INTO {table} (email) VALUES (%s)", [(e,) for e in emails(round_no, count, "many")])
-        conn.commit()
+def batch(app: Connection, table: Table, round_no: int, count: int, returning: bool) -> None:
+    # With RETURNING, SQLAlchemy sends multi-row INSERTs ("insertmanyvalues"); without, psycopg's
+    # executemany sends an INSERT per row, in a pipeline. Either is what apps on SQLAlchemy send.
+    statement = insert(table).returning(table.c.id) if returning else insert(table)
+    app.execute(statement, emails(round_no, count, "multi" if returning else "many"))
+    app.commit()
 
 
 SCENARIOS = {

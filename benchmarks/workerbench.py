@@ -69,7 +69,7 @@ FULL = WorkerSizes(
 )
 QUICK = WorkerSizes(
     latency_seconds=5, polled_seconds=3, poll_intervals=("100ms",), throughput_rows=5_000, throughput_rounds=2,
-    idle_seconds=11, backstop="5s", memory_wave=10_000, memory_waves=10, memory_gap=0.5,
+    idle_seconds=9, backstop="4s", memory_wave=5_000, memory_waves=10, memory_gap=0.3,
     insert_preload=10_000, insert_rounds=6, inserts_per_round=100, batch_rows=10_000, batch_rounds=2,
 )
 
@@ -376,6 +376,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time so far of a PostgreSQL server process on this host; NaN where it cannot be read
+    (a server on another host, or a local one this user may not look into)."""
+    try:
+        if b"postgres" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return float("nan")
+        return cpu_seconds(pid)
+    except OSError:
+        return float("nan")
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -593,17 +604,17 @@ def timed_rounds(rounds: int, backend: int, tables: dict[str, Any], insert_round
     for round_no in range(-1, rounds):
         shift = round_no % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            cpu_before, started = cpu_seconds(backend), time.perf_counter()
+            cpu_before, started = server_cpu_seconds(backend), time.perf_counter()
             insert_round(tables[key], round_no)
             if round_no >= 0:
                 seconds[key].append((time.perf_counter() - started) / per)
-                cpu[key] += cpu_seconds(backend) - cpu_before
+                cpu[key] += server_cpu_seconds(backend) - cpu_before
     return {
         "seconds": seconds,
         "median": {key: statistics.median(values) for key, values in seconds.items()},
         "ratios": {key: [a / b for a, b in zip(seconds[key], seconds["without"])] for key in keys},
         "backend_cpu_seconds": cpu,
-        "cpu_ratio": {key: cpu[key] / cpu["without"] if cpu["without"] else float("nan") for key in keys},
+        "cpu_ratio": {key: cpu[key] / cpu["without"] if cpu["without"] > 0 else float("nan") for key in keys},
     }
 
 

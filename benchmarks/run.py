@@ -5,7 +5,8 @@
     python benchmarks/run.py --database mysql --database-url mysql://root@127.0.0.1:3306/ [--quick]
 
 Without --database-url a throwaway embedded PostgreSQL is started. With --database mysql, the
-drain, idle and concurrency scenarios run on that MySQL or MariaDB server instead. Results are
+drain, idle and concurrency scenarios and a polling worker's latency and throughput run on that
+MySQL or MariaDB server instead. The worker's scenarios live in workerbench.py. Results are
 printed as a markdown table and written as JSON; README.md in this folder explains every number.
 """
 
@@ -1017,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url", metavar="URL",
         help="Server to use (a role that may CREATE DATABASE). Default: an embedded PostgreSQL; required with --database mysql.",
     )
-    parser.add_argument("--quick", action="store_true", help="Small sizes, well under a minute: for CI.")
+    parser.add_argument("--quick", action="store_true", help="Small sizes, about two minutes (the worker scenarios under one): for CI.")
     parser.add_argument("--json", type=Path, metavar="PATH", help="Where to write the results (default: results/latest.json; a temp file with --quick).")
     parser.add_argument(
         "--baseline", metavar="REV",
@@ -1059,12 +1060,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"batchjobs benchmarks ({report.mode}) on {database}")
         # Other processes on the machine skew every number; the load average documents how busy it was.
         load = report.data["load_average_1min"] = {"start": os.getloadavg()[0]}
+        timings = report.data["scenario_seconds"] = {}
         for name in selected:
             scenario = scenarios[name]
+            scenario_started = time.perf_counter()
             if name in WITH_BASELINE:
                 scenario(server, sizes, report, codes)
             else:
                 scenario(server, sizes, report)
+            timings[name] = time.perf_counter() - scenario_started
             load[f"after_{scenario.__name__}"] = os.getloadavg()[0]
     report.data.update(
         mode=report.mode, sizes=asdict(sizes), scenarios=selected, seconds=time.perf_counter() - started,

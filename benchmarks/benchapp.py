@@ -7,6 +7,7 @@ to this folder), so both paths run exactly the same jobs.
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,8 @@ BATCH_SIZE = 100
 
 #: File the ``record`` job appends row ids to (set by run.py for the concurrency scenario).
 RECORD_FILE_ENV = "BENCH_RECORD_FILE"
+#: File the ``stamp`` job appends "id time" lines to (set by workerbench.py for pickup latency).
+STAMP_FILE_ENV = "BENCH_STAMP_FILE"
 
 
 class Base(DeclarativeBase):
@@ -57,8 +60,20 @@ class PlainSignup(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class TriggeredSignup(Base):
+    """The flagged table again, with the pending trigger that wakes workers: its insert cost."""
+
+    __tablename__ = "bench_signups_triggered"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    welcome_sent: Mapped[bool] = flag_column()
+
+
 pending_index(Row.done)
 pending_index(FlaggedSignup.welcome_sent)
+pending_index(TriggeredSignup.welcome_sent)
 
 jobs = Registry()
 
@@ -101,6 +116,19 @@ def record(row: Row) -> None:
     if _record_fd is None:
         _record_fd = os.open(os.environ[RECORD_FILE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(_record_fd, f"{row.id}\n".encode())
+
+
+_stamp_fd: int | None = None
+
+
+@jobs.flag_job(Row.done, batch_size=BATCH_SIZE, columns=[Row.id])
+def stamp(row: Any) -> None:
+    """Append "id time" at the handler's start: the wall clock, compared with the app's after its COMMIT."""
+    started = time.time()
+    global _stamp_fd
+    if _stamp_fd is None:
+        _stamp_fd = os.open(os.environ[STAMP_FILE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_stamp_fd, f"{row.id} {started:.6f}\n".encode())
 
 
 @jobs.flag_job(FlaggedSignup.welcome_sent, batch_size=BATCH_SIZE)

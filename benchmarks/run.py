@@ -5,7 +5,8 @@
     python benchmarks/run.py --database mysql --database-url mysql://root@127.0.0.1:3306/ [--quick]
 
 Without --database-url a throwaway embedded PostgreSQL is started. With --database mysql, the
-drain, idle and concurrency scenarios run on that MySQL or MariaDB server instead. Results are
+drain, idle and concurrency scenarios and a polling worker's latency and throughput run on that
+MySQL or MariaDB server instead. The worker's scenarios live in workerbench.py. Results are
 printed as a markdown table and written as JSON; README.md in this folder explains every number.
 """
 
@@ -991,6 +992,19 @@ def celery_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
     celerybench.celery_scenario(server, report, sizes.celery_plain, sizes.celery_batchjobs, sizes.celery_latency)
 
 
+def worker_scenario(name: str) -> Callable[..., None]:
+    """A scenario of workerbench.py (`batchjobs worker`), imported when it runs: it imports this module."""
+
+    def scenario(server: Any, sizes: Sizes, report: Report) -> None:
+        import workerbench
+
+        workerbench.SCENARIOS[name](server, sizes, report)
+
+    scenario.__name__ = f"{name}_scenario"
+    return scenario
+
+
+WORKER_SCENARIOS = ("worker_latency", "worker_throughput", "worker_idle", "worker_memory", "trigger_insert")
 SCENARIOS: dict[str, Callable[..., None]] = {
     "drain": drain_scenarios,
     "idle": idle_scenario,
@@ -1000,13 +1014,17 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "celery": celery_scenario,
     "callgrind": callgrind_scenario,
     "web": webbench.web_scenario,
+    **{name: worker_scenario(name) for name in WORKER_SCENARIOS},
 }
 BY_DEFAULT = [name for name in SCENARIOS if name != "callgrind"]
-#: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency.
+#: What runs with --database mysql: the drain beside MySQL's own SQL loop, the idle tick, concurrency,
+#: and a polling worker's latency and throughput.
 MYSQL_SCENARIOS: dict[str, Callable[..., None]] = {
     "drain": mysql_drain_scenario,
     "idle": idle_scenario,
     "concurrency": concurrency_scenario,
+    "worker_latency": worker_scenario("worker_latency"),
+    "worker_throughput": worker_scenario("worker_throughput"),
 }
 WITH_BASELINE = ("drain", "callgrind")  # the scenarios that measure a baseline revision beside the current code
 
@@ -1026,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
         "--database-url", metavar="URL",
         help="Server to use (a role that may CREATE DATABASE). Default: an embedded PostgreSQL; required with --database mysql.",
     )
-    parser.add_argument("--quick", action="store_true", help="Small sizes, well under a minute: for CI.")
+    parser.add_argument("--quick", action="store_true", help="Small sizes, about two minutes (the worker scenarios under one): for CI.")
     parser.add_argument("--json", type=Path, metavar="PATH", help="Where to write the results (default: results/latest.json; a temp file with --quick).")
     parser.add_argument(
         "--baseline", metavar="REV",
@@ -1068,12 +1086,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"batchjobs benchmarks ({report.mode}) on {database}")
         # Other processes on the machine skew every number; the load average documents how busy it was.
         load = report.data["load_average_1min"] = {"start": os.getloadavg()[0]}
+        timings = report.data["scenario_seconds"] = {}
         for name in selected:
             scenario = scenarios[name]
+            scenario_started = time.perf_counter()
             if name in WITH_BASELINE:
                 scenario(server, sizes, report, codes)
             else:
                 scenario(server, sizes, report)
+            timings[name] = time.perf_counter() - scenario_started
             load[f"after_{scenario.__name__}"] = os.getloadavg()[0]
     report.data.update(
         mode=report.mode, sizes=asdict(sizes), scenarios=selected, seconds=time.perf_counter() - started,

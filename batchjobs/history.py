@@ -45,6 +45,9 @@ HEARTBEAT_EVERY = 5.0
 HEARTBEAT_ENV = "BATCHJOBS_HEARTBEAT_EVERY"
 #: A run that has not beaten for this long, and never finished, is taken as crashed.
 STALE_AFTER = timedelta(seconds=60)
+#: How often a worker that waits for rows beats, while its counts do not move: twice per
+#: STALE_AFTER, so that one lost beat never shows a live worker as crashed.
+IDLE_BEAT_EVERY = STALE_AFTER / 2
 #: The least a heartbeat write is waited for before it counts as failed (see RunRecorder.beat_timeout).
 MIN_BEAT_TIMEOUT = 2.0
 #: How far back a starting run looks for runs of its host that ended without recording their end.
@@ -207,6 +210,11 @@ class RunRecorder:
         self._heart: threading.Thread | None = None
         self._in_flight: _Write | None = None
         self._failing = False
+        #: Set by a worker while it waits for rows: it then beats every IDLE_BEAT_EVERY only.
+        self.waiting = False
+        #: The counts the last saved beat wrote, and when it was taken.
+        self._beaten: dict[str, object] = {}
+        self._beaten_at: datetime | None = None
 
     @property
     def _key(self) -> tuple[str, Any]:
@@ -231,6 +239,7 @@ class RunRecorder:
             self.run_id = self.store.open_run(connection, values, prune_before=now - self.keep_for)
             closed = self._close_orphans(connection, now, host)
         _open_here.add(self._key)
+        self._beaten, self._beaten_at = _progress(self.summary), now
         self._next_sample = now + BACKLOG_EVERY
         for run_id, pid in closed:
             logger.warning(
@@ -308,6 +317,8 @@ class RunRecorder:
                 # A worker runs for days (and a run may last long): every few minutes, beside its work.
                 sampling = _Write(self._sample_backlog)
                 sampling.wait(self.beat_timeout)
+            if not self._failing and not self._moved():
+                continue
             error = self._attempt()
             if error is None:
                 if self._failing:
@@ -319,13 +330,24 @@ class RunRecorder:
                 logger.warning("run history heartbeat failed: %s; retrying", _first_line(error, url))
                 self._failing = True
 
+    def _moved(self) -> bool:
+        """Whether a beat is due: always while the run works (a slow handler included), and for a
+        worker waiting for rows only once its counts moved or its last beat is getting old, so
+        that an idle worker writes twice a minute instead of every few seconds."""
+        if not self.waiting or self._beaten_at is None or _progress(self.summary) != self._beaten:
+            return True
+        return self.clock() - self._beaten_at >= max(IDLE_BEAT_EVERY, timedelta(seconds=self.heartbeat_every))
+
     def _attempt(self) -> BaseException | None:
         """One heartbeat write, waited for at most ``beat_timeout``: None once it is saved."""
         if self._in_flight is None or self._in_flight.done:
             now = self.clock()
-            values: dict[str, object] = {"heartbeat_at": now, **_progress(self.summary)}
+            progress = _progress(self.summary)
+            values: dict[str, object] = {"heartbeat_at": now, **progress}
+
             def save() -> None:
                 self._save(values)
+                self._beaten, self._beaten_at = progress, now
 
             self._in_flight = _Write(save)
         write = self._in_flight

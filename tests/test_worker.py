@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import jobapp
 import psycopg
 import pytest
 from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Engine, event, insert, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
-from batchjobs.worker import trigger_sql
+from batchjobs.signals import StopRequest
+from batchjobs.store.tables import RunRecord
+from batchjobs.worker import run_worker, trigger_sql
 
 
 def install_triggers(engine: Engine) -> None:
@@ -198,3 +201,40 @@ def test_the_alembic_helpers_install_and_remove_the_trigger(engine: Engine) -> N
         drop_pending_trigger(Operations(MigrationContext.configure(connection)), "items", "processed")
     with engine.connect() as connection:
         assert not store.has_pending_trigger(connection, "items", "processed")
+
+
+def test_an_idle_worker_polls_without_beating_every_few_seconds(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While it waits for rows a worker writes its heartbeat twice a minute, not every beat; once
+    rows flow it beats as often as ever, with their counts."""
+    monkeypatch.setenv("BATCHJOBS_HEARTBEAT_EVERY", "50ms")
+    sent: Counter[str] = Counter()
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        words = " ".join(statement.split())
+        if words.startswith("UPDATE batchjobs_runs"):
+            sent["beats"] += 1
+        elif "AS batchjobs_row_key FROM items" in words:
+            sent["polls"] += 1
+
+    event.listen(engine, "before_cursor_execute", count)
+    stop = StopRequest()
+    # Polled every 100ms (no trigger on SQLite and MySQL; none installed on PostgreSQL either).
+    worker = threading.Thread(target=run_worker, args=(jobapp.jobs, engine), kwargs={"queues": ["items"], "poll_every": 0.1, "stop": stop})
+    worker.start()
+    try:
+        wait_for(lambda: sent["polls"] >= 10, "ten polls of an empty table")
+        # Ten polls took over a second: twenty beats at the old rate; the first idle beat is due after 30 s.
+        assert sent["beats"] == 0, sent
+        add_items(engine, 3)
+        wait_for(lambda: sum(processed(engine).values()) == 3, "the rows to be handled")
+        wait_for(lambda: _worker_done(engine) == 3, "a beat with the new counts")
+    finally:
+        stop.set("test")
+        worker.join(timeout=30)
+        event.remove(engine, "before_cursor_execute", count)
+    assert not worker.is_alive()
+
+
+def _worker_done(engine: Engine) -> int:
+    with Session(engine) as session:
+        return int(session.scalar(select(RunRecord.rows_done).where(RunRecord.kind == "worker")) or 0)

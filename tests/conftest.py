@@ -215,3 +215,13 @@ def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that run on PostgreSQL ``postgres``: CI runs them again on a second server."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        on_db = callspec.params.get("db_url") if callspec is not None else None
+        if on_db == "postgresql" or (on_db is None and "postgres_server" in fixtures):
+            item.add_marker(pytest.mark.postgres)

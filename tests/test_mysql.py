@@ -308,3 +308,57 @@ def test_the_connect_timeout_does_not_cut_statements_short(mysql_engine: Engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT SLEEP(2)").scalar() == 0
     engine.dispose()
+
+
+def _waiting_update(engine: Engine, table: str) -> bool:
+    """Whether a transaction waits for a lock in an UPDATE of ``table``."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE :query"),
+            {"query": f"UPDATE {table} %"},
+        ).scalar_one()
+    return bool(found)
+
+
+def test_a_chunk_rolled_back_by_a_deadlock_runs_again(mysql_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A real deadlock between a chunk's mark and another transaction: InnoDB rolls the chunk back
+    whole, and the run claims and handles those rows again instead of ending."""
+    engine = mysql_engine
+    add_items(engine, 5)
+    registry = Registry()
+    calls: list[int] = []
+
+    @registry.flag_job(jobapp.Item.processed, columns=[jobapp.Item.id])
+    def note(item: Any) -> None:
+        calls.append(item.id)
+
+    other = create_engine(engine.url, isolation_level="REPEATABLE READ")
+    with other.connect() as conn:
+        conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 30")
+        # Heavier than the chunk (InnoDB rolls back the transaction that changed less): 2,000 rows.
+        conn.execute(text(f"INSERT INTO orders (id) SELECT n FROM {numbers_sql(2000)} g"))
+        # REPEATABLE READ locks the gap after the last pending-index entry: the chunk's mark,
+        # which moves its rows to "processed = true" entries there, has to wait for it.
+        conn.execute(text("SELECT id FROM items FORCE INDEX (ix_items_processed_pending) WHERE processed = true FOR UPDATE"))
+        summary: list[Any] = []
+        run = threading.Thread(target=lambda: summary.append(run_pending(registry, engine)))
+        with caplog.at_level("WARNING", logger="batchjobs"):
+            run.start()
+            try:
+                deadline = time.monotonic() + 30
+                while not _waiting_update(engine, "items"):
+                    assert time.monotonic() < deadline, "the chunk's mark never waited"
+                    time.sleep(0.01)
+                # Now wait for a row the chunk holds: each waits for the other.
+                assert conn.execute(text("SELECT id FROM items WHERE id = 1 FOR UPDATE")).scalar() == 1
+                conn.commit()
+            finally:
+                run.join(60)
+    other.dispose()
+    assert not run.is_alive()
+    assert summary and summary[0].done == 5, summary
+    assert all(processed(engine).values())
+    # The first attempt's rows ran again, once: nothing of that chunk had been committed.
+    assert sorted(set(calls)) == [1, 2, 3, 4, 5] and len(calls) <= 10, calls
+    retried = [r.getMessage() for r in caplog.records if "deadlock" in r.getMessage()]
+    assert retried == ["job note: the database rolled the chunk back to break a deadlock; running it again (2 of 3)"], retried

@@ -179,6 +179,11 @@ class Store:
         """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
         return False
 
+    def is_deadlock(self, error: DBAPIError) -> bool:
+        """Whether ``error`` means the database rolled the whole transaction back to break a
+        deadlock: nothing of it was committed, so it may be run again."""
+        return False
+
     def transaction_limits(self, connection: Connection) -> list[str]:
         """Server settings in force that end a transaction which idles or lasts too long.
 

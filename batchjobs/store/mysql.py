@@ -20,8 +20,10 @@ from sqlalchemy import (
     Connection,
     Dialect,
     Engine,
+    Integer,
     Select,
     Table,
+    and_,
     case,
     delete,
     event,
@@ -29,6 +31,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -41,7 +44,16 @@ from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql.elements import ColumnClause
 
 from batchjobs.errors import BatchJobsError
-from batchjobs.store.base import PENDING_FLAG, ChunkStatements, Store, first_failure_values
+from batchjobs.store.base import (
+    PENDING_FLAG,
+    ROW_KEY,
+    ChunkStatements,
+    Store,
+    first_failure_values,
+    keyset,
+    row_key_sql,
+)
+from batchjobs.store.base import _held_back as held_back_condition
 from batchjobs.store.tables import FAILURES, RUNS, Failure, UTCDateTime
 
 if TYPE_CHECKING:
@@ -54,6 +66,8 @@ MINIMUM_MARIADB = (10, 6)
 
 #: MySQL's error number for a lock wait that ran out.
 ER_LOCK_WAIT_TIMEOUT = 1205
+#: MySQL's error number for a deadlock: the server rolled the whole transaction back.
+ER_LOCK_DEADLOCK = 1213
 
 #: Connection-record flag: the connection got a read timeout only to bound its handshake.
 _HANDSHAKE_TIMEOUT = "batchjobs_handshake_timeout"
@@ -129,6 +143,22 @@ class MySQLStore(Store):
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return _error_number(error) == ER_LOCK_WAIT_TIMEOUT
+
+    def is_deadlock(self, error: DBAPIError) -> bool:
+        # InnoDB breaks a deadlock by rolling back one transaction whole (a lock wait timeout
+        # undoes only the statement). The deadlock may have hit a handler's own statement, and
+        # what reaches the run loop is then the error of rolling back the handler's savepoint,
+        # which went with the transaction: so the errors it arose from count too.
+        seen: BaseException | None = error
+        for _ in range(10):
+            if seen is None:
+                return False
+            orig = seen.orig if isinstance(seen, DBAPIError) else seen
+            args = getattr(orig, "args", ())
+            if args and args[0] == ER_LOCK_DEADLOCK:
+                return True
+            seen = seen.__cause__ or seen.__context__
+        return False
 
     def cancel_running_statement(self, dbapi_connection: Any, in_flight: bool) -> bool:
         # Raising in Python while the driver waits for the server would leave the connection in
@@ -234,6 +264,27 @@ class MySQLChunkStatements(ChunkStatements):
 
     #: Whether the database was asked for an index to seek in (once per run, at the first keyset claim).
     looked_up = False
+
+    def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
+        """The claim of :meth:`ChunkStatements.claim_statement`, whose per-row failure lookup runs
+        only when the job has failure records at all.
+
+        MariaDB evaluates the uncorrelated "any record of this job" once, when it plans the
+        statement; when there is none, the per-row lookup (a dependent subquery, one probe of
+        the failure table per row read) is planned away. Where the job has records, each row is
+        looked up as before. The re-check after the claim (``failure_states``) is unchanged.
+        """
+        job = self.job
+        of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
+        held_back = select(true()).where(of_this_row, held_back_condition()).scalar_subquery()
+        has_records = select(literal(1)).where(Failure.job == job.name).exists()
+        loaded: list[Any] = list(job.columns) if job.columns else [job.model]
+        stmt = keyset(
+            select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), or_(~has_records, held_back.is_not(true()))),
+            job.primary_key,
+            bound=keyset_walk,
+        ).limit(literal_column(str(int(limit)), Integer()))
+        return self.store.lock_for_claim(stmt, job.table)
 
     def claim_rows(
         self,

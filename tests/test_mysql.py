@@ -14,6 +14,7 @@ from typing import Any
 
 import jobapp
 import pytest
+import sqlalchemy
 from conftest import cli_env, run_cli, url_of
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
@@ -310,11 +311,11 @@ def test_the_connect_timeout_does_not_cut_statements_short(mysql_engine: Engine)
     engine.dispose()
 
 
-def _waiting_update(engine: Engine, table: str) -> bool:
-    """Whether a transaction waits for a lock in an UPDATE of ``table``."""
+def _updating(engine: Engine, table: str) -> bool:
+    """Whether a connection to this database is running an UPDATE of ``table``."""
     with engine.connect() as conn:
         found = conn.execute(
-            text("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE :query"),
+            text("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :query"),
             {"query": f"UPDATE {table} %"},
         ).scalar_one()
     return bool(found)
@@ -346,10 +347,11 @@ def test_a_chunk_rolled_back_by_a_deadlock_runs_again(mysql_engine: Engine, capl
             run.start()
             try:
                 deadline = time.monotonic() + 30
-                while not _waiting_update(engine, "items"):
+                while not _updating(engine, "items"):
                     assert time.monotonic() < deadline, "the chunk's mark never waited"
                     time.sleep(0.01)
-                # Now wait for a row the chunk holds: each waits for the other.
+                # The chunk holds its rows and marks them (waiting for the gap, or about to): now
+                # wait for one of its rows, and each waits for the other.
                 assert conn.execute(text("SELECT id FROM items WHERE id = 1 FOR UPDATE")).scalar() == 1
                 conn.commit()
             finally:
@@ -362,3 +364,37 @@ def test_a_chunk_rolled_back_by_a_deadlock_runs_again(mysql_engine: Engine, capl
     assert sorted(set(calls)) == [1, 2, 3, 4, 5] and len(calls) <= 10, calls
     retried = [r.getMessage() for r in caplog.records if "deadlock" in r.getMessage()]
     assert retried == ["job note: the database rolled the chunk back to break a deadlock; running it again (2 of 3)"], retried
+
+
+def test_mariadbs_idle_transaction_timeout_is_lifted_in_chunks_only(mysql_url: str) -> None:
+    """A server whose transactions may idle 1 s, and a handler that takes 1.5 s: each row is
+    handled once, the session's limit is back after the run, and still ends other transactions."""
+    limited = create_engine(
+        mysql_url, pool_size=1, max_overflow=0, connect_args={"init_command": "SET SESSION idle_transaction_timeout = 1"}
+    )
+    with limited.connect() as conn:
+        if conn.exec_driver_sql("SHOW SESSION VARIABLES LIKE 'idle_transaction_timeout'").first() is None:
+            pytest.skip("this server has no idle_transaction_timeout (MySQL)")
+    jobapp.Base.metadata.create_all(limited)
+    migrate(limited)
+    add_items(limited, 3)
+    registry = Registry()
+    calls: list[int] = []
+
+    @registry.flag_job(jobapp.Item.processed, columns=[jobapp.Item.id])
+    def slow(item: Any) -> None:
+        calls.append(item.id)
+        time.sleep(1.5)
+
+    summary = run_pending(registry, limited)
+
+    assert (summary.done, summary.failed) == (3, 0)
+    assert calls == [1, 2, 3]
+    assert all(processed(limited).values())
+    with limited.connect() as conn:  # the pool's one connection, the run's
+        assert conn.exec_driver_sql("SELECT @@SESSION.idle_transaction_timeout").scalar() == 1
+        conn.execute(select(jobapp.Item.id).limit(1)).all()
+        time.sleep(1.5)
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            conn.execute(select(jobapp.Item.id).limit(1)).all()
+    limited.dispose()

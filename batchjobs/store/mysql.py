@@ -69,6 +69,11 @@ ER_LOCK_WAIT_TIMEOUT = 1205
 #: MySQL's error number for a deadlock: the server rolled the whole transaction back.
 ER_LOCK_DEADLOCK = 1213
 
+#: MariaDB's limits on how long a transaction may wait for its client's next statement.
+IDLE_TRANSACTION_LIMITS = ("idle_readonly_transaction_timeout", "idle_transaction_timeout", "idle_write_transaction_timeout")
+#: Connection.info key: the session settings changed for this transaction, to put back at its end.
+_RESTORE = "batchjobs_restore_session"
+
 #: Connection-record flag: the connection got a read timeout only to bound its handshake.
 _HANDSHAKE_TIMEOUT = "batchjobs_handshake_timeout"
 
@@ -120,26 +125,18 @@ class MySQLStore(Store):
     # -- driver and server behaviour -----------------------------------------------------------------
 
     def limit_lock_wait(self, connection: Connection | Session, seconds: float) -> None:
-        # MySQL has no setting that ends with the transaction (PostgreSQL's SET LOCAL), so the
-        # session's value is saved, changed, and put back when this transaction ends: a pooled
-        # connection (perhaps the app's own) keeps its own setting. Whole seconds, at least 1.
-        conn = connection if isinstance(connection, Connection) else connection.connection()
-        conn.exec_driver_sql(
-            "SET @batchjobs_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
-            f"SESSION innodb_lock_wait_timeout = {max(1, math.ceil(seconds))}"
-        )
+        # Whole seconds, at least 1.
+        _set_for_transaction(connection, {"innodb_lock_wait_timeout": max(1, math.ceil(seconds))})
 
-        def restore(ended: Connection) -> None:
-            # Straight to the driver: the transaction is ending, SQLAlchemy's is no place for a
-            # statement now. SET is not transactional, so it holds whether the end commits or not.
-            cursor = ended.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.execute("SET SESSION innodb_lock_wait_timeout = @batchjobs_lock_wait")
-            finally:
-                cursor.close()
+    def transaction_limits(self, connection: Connection) -> list[str]:
+        # MariaDB ends a transaction that waits for its client longer than these (MySQL has no
+        # such setting: its wait_timeout, 8 hours by default, bounds any idle connection).
+        names = ", ".join(f"'{name}'" for name in IDLE_TRANSACTION_LIMITS)
+        rows = connection.exec_driver_sql(f"SHOW SESSION VARIABLES WHERE Variable_name IN ({names}) AND Value <> '0'")
+        return sorted(str(name) for name, _ in rows)
 
-        event.listen(conn, "commit", restore, once=True)
-        event.listen(conn, "rollback", restore, once=True)
+    def lift_transaction_limits(self, connection: Connection | Session, names: Sequence[str]) -> None:
+        _set_for_transaction(connection, {name: 0 for name in names if name in IDLE_TRANSACTION_LIMITS})
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return _error_number(error) == ER_LOCK_WAIT_TIMEOUT
@@ -351,6 +348,46 @@ def server_refusal(version: tuple[int, ...], *, mariadb: bool) -> str | None:
         f"batchjobs needs {product} {'.'.join(map(str, minimum))} or newer (for SKIP LOCKED); "
         f"this server is {product} {'.'.join(map(str, version))}"
     )
+
+
+def _set_for_transaction(connection: Connection | Session, settings: dict[str, int]) -> None:
+    """Change session settings for the current transaction only.
+
+    MySQL has no setting that ends with the transaction (PostgreSQL's SET LOCAL), so each
+    session value is saved, changed, and put back when this transaction ends: a pooled
+    connection (perhaps the app's own) keeps its own settings. ``settings`` names come from this
+    module, never from input.
+    """
+    if not settings:
+        return
+    conn = connection if isinstance(connection, Connection) else connection.connection()
+    # A setting changed twice in one transaction keeps the value saved the first time.
+    changed: set[str] = conn.info.setdefault(_RESTORE, set())
+    assignments = [
+        *(f"@batchjobs_{name} = @@SESSION.{name}" for name in settings if name not in changed),
+        *(f"SESSION {name} = {int(value)}" for name, value in settings.items()),
+    ]
+    conn.exec_driver_sql("SET " + ", ".join(assignments))
+    changed.update(settings)
+    # One listener per connection, however many transactions it runs (a run's connection runs
+    # one per chunk); it does nothing unless this transaction changed something.
+    for end in ("commit", "rollback"):
+        if not event.contains(conn, end, _restore_session):
+            event.listen(conn, end, _restore_session)
+
+
+def _restore_session(ended: Connection) -> None:
+    changed = ended.info.pop(_RESTORE, None)
+    if not changed:
+        return
+    restore = ", ".join(f"SESSION {name} = @batchjobs_{name}" for name in sorted(changed))
+    # Straight to the driver: the transaction is ending, SQLAlchemy's is no place for a
+    # statement now. SET is not transactional, so it holds whether the end commits or not.
+    cursor = ended.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(f"SET {restore}")
+    finally:
+        cursor.close()
 
 
 def _error_number(error: DBAPIError) -> int | None:

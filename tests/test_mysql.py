@@ -16,7 +16,7 @@ import jobapp
 import pytest
 import sqlalchemy
 from conftest import cli_env, run_cli, url_of
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, false, func, select, text
 from sqlalchemy.orm import Session
 from test_connections import _timed, frozen_port  # noqa: F401 - frozen_port is a fixture
 from test_plans import numbers_sql
@@ -398,3 +398,53 @@ def test_mariadbs_idle_transaction_timeout_is_lifted_in_chunks_only(mysql_url: s
         with pytest.raises(sqlalchemy.exc.OperationalError):
             conn.execute(select(jobapp.Item.id).limit(1)).all()
     limited.dispose()
+
+
+def _explain_sent(engine: Engine, send: Any) -> list[dict[str, Any]]:
+    """EXPLAIN of the one SELECT that ``send(connection)`` sends, with its own parameters."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "information_schema" not in statement:
+            sent.append((statement, parameters))
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+    try:
+        with engine.connect() as conn:
+            send(conn)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+    [(statement, parameters)] = sent
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).mappings()]
+
+
+def test_admin_and_backfill_walks_after_a_key_seek_in_the_pending_index(mysql_engine: Engine) -> None:
+    """mark-done walks pending rows, and so does a backfill of rows whose flag is pending: each
+    chunk after the first seeks to its position in the pending index, as a run's claims do,
+    instead of reading "flag = false" from its start."""
+    engine = mysql_engine
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO items (id, category, processed) SELECT n, 'a', false FROM {numbers_sql(100000)} g"))
+        conn.execute(text("ANALYZE TABLE items"))
+    job = jobapp.jobs.job("process_item")
+    store = store_for(engine)
+    pending = job.pending()
+    walks = {
+        "mark-done": lambda conn: store.row_keys(conn, job, pending, 100, after=90000),
+        "mark-done of a key range": lambda conn: store.row_keys(
+            conn, job, jobapp.Item.id.between(50000, 95000) & pending, 100, after=90000
+        ),
+        "backfill of pending rows": lambda conn: store.next_objects(
+            Session(conn), select(jobapp.Item).where(jobapp.Item.processed == false()), jobapp.Item.id, 90000, 100
+        ),
+    }
+    for name, walk in walks.items():
+        plan = _explain_sent(engine, walk)
+        print(f"{name}:\n{_shown(plan)}")
+        [row] = plan
+        assert row["key"] == "ix_items_processed_pending" and row["type"] == "range", _shown(plan)
+        assert int(row["rows"]) <= 20000, _shown(plan)  # the keys after 90,000, not all 100,000
+        assert "filesort" not in (row["Extra"] or ""), _shown(plan)
+    with engine.connect() as conn:
+        assert [key for key, _ in store.row_keys(conn, job, pending, 3, after=90000)] == [90001, 90002, 90003]

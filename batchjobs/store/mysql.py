@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    Column,
     ColumnElement,
     Connection,
     Dialect,
@@ -41,7 +42,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateIndex
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnClause, False_, Null
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.store.base import (
@@ -112,6 +114,11 @@ class MySQLStore(Store):
                 # PyMySQL has no public setter; it applies this value before its next read.
                 dbapi_connection._read_timeout = None
 
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        #: Per (table, flag column name): the quoted name of its pending index, "" for none.
+        self._seek_indexes: dict[tuple[Table, str], str] = {}
+
     def claiming(self) -> Engine:
         # MySQL defaults to REPEATABLE READ, where the failure re-check after the claim would read
         # the transaction's first snapshot, and locking reads take gap locks.
@@ -171,6 +178,63 @@ class MySQLStore(Store):
         finally:
             killer.close()
         return True
+
+    # -- seeking in the pending index ---------------------------------------------------------------
+
+    def seek_index(self, connection: Connection | Session, table: Table, flag: Column[Any], key: Column[Any]) -> str | None:
+        """The quoted name of an index on (flag, key, ...) of ``table``, if it has one.
+
+        For ``flag = false AND key > :after ... ORDER BY key LIMIT n`` MariaDB reads the pending
+        index from the start of ``flag = false`` and filters the keys (ref access), so each chunk
+        of a long walk would pass every entry before its position. Told to use that index, it
+        seeks to the position (range access). Asked of the database rather than taken from the
+        models: forcing an index that does not exist is an error, and forcing one on other
+        columns would walk the whole table. Asked once per table and flag for this Store.
+        """
+        found = self._seek_indexes.get((table, flag.name))
+        if found is None:
+            name = connection.execute(
+                text(
+                    "SELECT first.INDEX_NAME FROM information_schema.STATISTICS first"
+                    " JOIN information_schema.STATISTICS second ON second.TABLE_SCHEMA = first.TABLE_SCHEMA"
+                    " AND second.TABLE_NAME = first.TABLE_NAME AND second.INDEX_NAME = first.INDEX_NAME"
+                    " AND second.SEQ_IN_INDEX = 2"
+                    " WHERE first.TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND first.TABLE_NAME = :table"
+                    " AND first.SEQ_IN_INDEX = 1 AND first.COLUMN_NAME = :flag AND second.COLUMN_NAME = :key"
+                    " ORDER BY first.INDEX_NAME LIMIT 1"
+                ),
+                {"schema": table.schema, "table": table.name, "flag": flag.name, "key": key.name},
+            ).scalar()
+            bound = connection.get_bind() if isinstance(connection, Session) else connection
+            found = self._seek_indexes[table, flag.name] = (
+                "" if name is None else str(bound.dialect.identifier_preparer.quote(name))
+            )
+        return found or None
+
+    def _seeking(self, connection: Connection | Session, stmt: Select[Any], key: Column[Any], condition: Any) -> Select[Any]:
+        """``stmt`` told to walk the pending index of a flag that ``condition`` requires pending."""
+        table = key.table
+        if not isinstance(table, Table) or condition is None:
+            return stmt
+        for flag in _pending_flags(condition, table):
+            index = self.seek_index(connection, table, flag, key)
+            if index is not None:
+                # "*": the hint is for this store's own dialects, MySQL and MariaDB alike.
+                return stmt.with_hint(table, f"FORCE INDEX ({index})", "*")
+        return stmt
+
+    def row_keys(
+        self, connection: Connection | Session, job: FlagJob, condition: ColumnElement[bool], limit: int, after: Any = None
+    ) -> list[tuple[Any, str]]:
+        # mark-done walks pending rows only: in the pending index, like a run's claims.
+        walk = keyset(select(job.primary_key, row_key_sql(job)).where(condition), job.primary_key, after)
+        walk = self._seeking(connection, walk, job.primary_key, condition)
+        return [(key, row_key) for key, row_key in connection.execute(walk.limit(limit))]
+
+    def next_objects(self, session: Session, query: Select[Any], key: Column[Any], after: Any, limit: int) -> list[Any]:
+        # A backfill of rows whose flag is pending walks the pending index, like a run's claims.
+        walk = self._seeking(session, keyset(query.order_by(None), key, after), key, query.whereclause)
+        return list(session.scalars(walk.limit(limit)))
 
     # -- the run loop ------------------------------------------------------------------------------
 
@@ -251,13 +315,8 @@ class MySQLStore(Store):
 
 
 class MySQLChunkStatements(ChunkStatements):
-    """The chunk statements, with a keyset claim that seeks in the pending index.
-
-    For ``flag = false AND key > :after ... ORDER BY key LIMIT n`` MariaDB reads the pending
-    index from the start of ``flag = false`` and filters the keys (ref access), so each claim of
-    a long drain would pass every entry before its position. Told to use that index, it seeks
-    to the position (range access): twice the drain rate on MariaDB 10.11.
-    """
+    """The chunk statements, with a keyset claim that seeks in the pending index (see
+    :meth:`MySQLStore.seek_index`)."""
 
     #: Whether the database was asked for an index to seek in (once per run, at the first keyset claim).
     looked_up = False
@@ -295,33 +354,37 @@ class MySQLChunkStatements(ChunkStatements):
     ) -> list[tuple[Any, str]]:
         if after is not None and not self.looked_up:
             self.looked_up = True
-            index = _seek_index(connection, self.job)
+            job = self.job
+            assert isinstance(self.store, MySQLStore)
+            index = self.store.seek_index(connection, job.table, job.flag, job.primary_key)
             if index is not None:
                 # "*": the hint is for this store's own dialects, MySQL and MariaDB alike.
                 self.claim_after = self.claim_after.with_hint(self.job.table, f"FORCE INDEX ({index})", "*")
         return super().claim_rows(connection, session, now, run_started, after, suspect=suspect)
 
 
-def _seek_index(connection: Connection, job: FlagJob) -> str | None:
-    """The quoted name of an index on (flag, primary key, ...) of the job's table, if it has one.
-
-    Asked of the database rather than taken from the models: forcing an index that does not
-    exist is an error, and forcing one on other columns would walk the whole table.
-    """
-    table = job.table
-    name = connection.execute(
-        text(
-            "SELECT first.INDEX_NAME FROM information_schema.STATISTICS first"
-            " JOIN information_schema.STATISTICS second ON second.TABLE_SCHEMA = first.TABLE_SCHEMA"
-            " AND second.TABLE_NAME = first.TABLE_NAME AND second.INDEX_NAME = first.INDEX_NAME"
-            " AND second.SEQ_IN_INDEX = 2"
-            " WHERE first.TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND first.TABLE_NAME = :table"
-            " AND first.SEQ_IN_INDEX = 1 AND first.COLUMN_NAME = :flag AND second.COLUMN_NAME = :key"
-            " ORDER BY first.INDEX_NAME LIMIT 1"
-        ),
-        {"schema": table.schema, "table": table.name, "flag": job.flag.name, "key": job.primary_key.name},
-    ).scalar()
-    return None if name is None else str(connection.dialect.identifier_preparer.quote(name))
+def _pending_flags(condition: ColumnElement[bool], table: Table) -> list[Column[Any]]:
+    """Columns of ``table`` that ``condition`` requires to be false or NULL, as pending flags
+    are, among the conditions it ANDs together."""
+    found: list[Column[Any]] = []
+    clauses: list[Any] = [condition]
+    while clauses:
+        clause = clauses.pop()
+        if isinstance(clause, BooleanClauseList) and clause.operator is operators.and_:
+            clauses.extend(clause.clauses)
+        elif (
+            isinstance(clause, BinaryExpression)
+            and isinstance(clause.left, Column)
+            and clause.left.table is table
+            # "= false" and "IS NULL" seek in an index; MariaDB reads "IS false" as a truth test
+            # and cannot.
+            and (
+                (clause.operator is operators.eq and isinstance(clause.right, False_))
+                or (clause.operator is operators.is_ and isinstance(clause.right, Null))
+            )
+        ):
+            found.append(clause.left)
+    return found
 
 
 class MariaDBStore(MySQLStore):

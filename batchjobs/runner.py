@@ -330,7 +330,7 @@ class _Run:
         elif len(claimed) < limit:
             self.after.pop(job.name, None)
         else:
-            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached])
+            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached], self.store.walk_order(job.primary_key))
         # Reported after the commit, so a hook never announces a failure that was not recorded.
         for failure in failures:
             self._report(job, failure)

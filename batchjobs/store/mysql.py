@@ -11,7 +11,8 @@ time zone never matters.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,9 @@ from sqlalchemy import (
     Engine,
     Integer,
     Select,
+    String,
     Table,
+    Uuid,
     and_,
     case,
     delete,
@@ -123,6 +126,13 @@ class MySQLStore(Store):
         # MySQL defaults to REPEATABLE READ, where the failure re-check after the claim would read
         # the transaction's first snapshot, and locking reads take gap locks.
         return self.engine.execution_options(isolation_level="READ COMMITTED")
+
+    def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
+        # MariaDB's native UUID type orders its values by their last group first, and text keys
+        # follow their column's collation ('a' < 'B'), unlike Python. A walk's claims ask for
+        # keys greater than its position in the server's own order, and these values come back
+        # from the server exactly as they were bound, so the walk moved if the key is another.
+        return operator.ne if isinstance(key.type, (Uuid, String)) else operator.gt
 
     def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
         # OF is rendered where the server has it (MySQL 8). Either way only the claimed rows are

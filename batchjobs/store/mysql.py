@@ -10,8 +10,11 @@ time zone never matters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+import socket
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -79,8 +82,6 @@ IDLE_TRANSACTION_LIMITS = ("idle_readonly_transaction_timeout", "idle_transactio
 #: Connection.info key: the session settings changed for this transaction, to put back at its end.
 _RESTORE = "batchjobs_restore_session"
 
-#: Connection-record flag: the connection got a read timeout only to bound its handshake.
-_HANDSHAKE_TIMEOUT = "batchjobs_handshake_timeout"
 
 
 class MySQLStore(Store):
@@ -101,21 +102,15 @@ class MySQLStore(Store):
         timeout = max(1, math.ceil(connect_timeout))
 
         @event.listens_for(engine, "do_connect")
-        def _connect(_dialect: Any, record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        def _connect(dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> Any:
             # The URL (?connect_timeout=N) and connect_args win over batchjobs' default.
             cparams.setdefault("connect_timeout", timeout)
             # PyMySQL's connect_timeout bounds the TCP connect only: a server that accepts and
-            # never answers would hold the handshake forever. A read timeout bounds it, and is
-            # lifted once connected, so that no statement is cut short by it.
-            if driver == "pymysql" and "read_timeout" not in cparams:
-                cparams["read_timeout"] = cparams["connect_timeout"]
-                record.info[_HANDSHAKE_TIMEOUT] = True
-
-        @event.listens_for(engine, "connect")
-        def _connected(dbapi_connection: Any, record: Any) -> None:
-            if record.info.pop(_HANDSHAKE_TIMEOUT, False):
-                # PyMySQL has no public setter; it applies this value before its next read.
-                dbapi_connection._read_timeout = None
+            # never answers would hold the handshake forever. A read timeout would bound it, but
+            # would stay for every statement after it. A read timeout of the app's own is kept.
+            if driver == "pymysql" and "read_timeout" not in cparams and "defer_connect" not in cparams:
+                return _pymysql_connect(dialect.loaded_dbapi, cparams)
+            return None
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
@@ -421,6 +416,59 @@ def server_refusal(version: tuple[int, ...], *, mariadb: bool) -> str | None:
         f"batchjobs needs {product} {'.'.join(map(str, minimum))} or newer (for SKIP LOCKED); "
         f"this server is {product} {'.'.join(map(str, version))}"
     )
+
+
+def _pymysql_connect(pymysql: Any, cparams: dict[str, Any]) -> Any:
+    """A PyMySQL connection whose handshake gives up after ``connect_timeout`` seconds.
+
+    The socket is batchjobs' own, handed to PyMySQL's ``connect(sock)``: if the server has not
+    finished the handshake by then, the socket is shut down, which ends PyMySQL's wait for it.
+    Once connected, the socket is PyMySQL's as usual (no timeout on statements).
+    """
+    seconds = float(cparams["connect_timeout"])
+    connection = pymysql.connect(**cparams, defer_connect=True)
+    try:
+        if connection.unix_socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(seconds)
+            sock.connect(connection.unix_socket)
+        else:
+            sock = socket.create_connection((connection.host, connection.port), seconds)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError as error:
+        # As PyMySQL words it when it connects by itself.
+        where = connection.unix_socket or connection.host
+        raise pymysql.OperationalError(2003, f"Can't connect to MySQL server on {where!r} ({error})") from error
+    lock = threading.Lock()
+    state = {"connected": False, "timed_out": False}
+
+    def give_up() -> None:
+        with lock:
+            if not state["connected"]:
+                state["timed_out"] = True
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        connection.connect(sock)
+        with lock:
+            state["connected"] = not state["timed_out"]
+    except pymysql.Error as error:
+        if state["timed_out"]:
+            raise pymysql.OperationalError(
+                2013, f"timed out after {seconds:g}s waiting for the server to answer the connection"
+            ) from error
+        raise
+    finally:
+        timer.cancel()
+    if not state["connected"]:
+        with contextlib.suppress(pymysql.Error, OSError):
+            connection.close()
+        raise pymysql.OperationalError(2013, f"timed out after {seconds:g}s waiting for the server to answer the connection")
+    return connection
 
 
 def _set_for_transaction(connection: Connection | Session, settings: dict[str, int]) -> None:

@@ -316,7 +316,7 @@ def _updating(engine: Engine, table: str) -> bool:
     with engine.connect() as conn:
         found = conn.execute(
             text("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :query"),
-            {"query": f"UPDATE {table} %"},
+            {"query": f"UPDATE {table}%"},
         ).scalar_one()
     return bool(found)
 

@@ -11,6 +11,7 @@ time zone never matters.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import operator
 import socket
@@ -31,7 +32,9 @@ from sqlalchemy import (
     Table,
     Uuid,
     and_,
+    bindparam,
     case,
+    column,
     delete,
     event,
     false,
@@ -43,6 +46,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    update,
 )
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
@@ -50,9 +54,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, ColumnClause, False_, Null
+from sqlalchemy.sql.selectable import Subquery
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.store.base import (
+    KEYS,
     PENDING_FLAG,
     ROW_KEY,
     ChunkStatements,
@@ -326,6 +332,44 @@ class MySQLChunkStatements(ChunkStatements):
     #: Whether the database was asked for an index to seek in (once per run, at the first keyset claim).
     looked_up = False
 
+    def __init__(self, store: Store, job: FlagJob, limit: int) -> None:
+        super().__init__(store, job, limit)
+        # A chunk's keys travel as one JSON array, read by JSON_TABLE, rather than as a hundred
+        # parameters of an IN list: the statement text is the same for every chunk, and the
+        # driver escapes one string instead of a hundred values.
+        row_keys = FAILURES.c.row_key.in_(select(_json_keys("VARCHAR(255)").c.k))
+        self.failures = select(Failure.row_key, Failure.attempts, held_back_condition()).where(
+            Failure.job == job.name, row_keys
+        )
+        self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back_condition(suspects=False)).where(
+            Failure.job == job.name, row_keys
+        )
+        #: Whether marks name their keys in JSON (integer keys, which JSON_TABLE reads exactly).
+        self.json_marks = isinstance(job.primary_key.type, Integer)
+        if self.json_marks:
+            # A join, not IN (subquery): MariaDB before 11.1 would run the subquery for every
+            # row of the table in a single-table UPDATE.
+            keys = _json_keys("BIGINT")
+            self.mark = (
+                update(job.table)
+                .where(job.primary_key == keys.c.k)
+                .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
+            )
+
+    def failure_states(
+        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime, *, suspect: bool = False
+    ) -> dict[str, tuple[int, bool]]:
+        params = {KEYS: json.dumps(list(keys)), "now": now, "run_started": run_started}
+        rows = connection.execute(self.suspect_failures if suspect else self.failures, params)
+        return {key: (attempts, bool(held)) for key, attempts, held in rows}
+
+    def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
+        if not self.json_marks:
+            super().mark_done(connection, keys, now)
+        elif keys:
+            done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
+            connection.execute(self.mark, {KEYS: json.dumps([int(key) for key in keys]), **done})
+
     def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
         """The claim of :meth:`ChunkStatements.claim_statement`, whose per-row failure lookup runs
         only when the job has failure records at all.
@@ -366,6 +410,12 @@ class MySQLChunkStatements(ChunkStatements):
                 # "*": the hint is for this store's own dialects, MySQL and MariaDB alike.
                 self.claim_after = self.claim_after.with_hint(self.job.table, f"FORCE INDEX ({index})", "*")
         return super().claim_rows(connection, session, now, run_started, after, suspect=suspect)
+
+
+def _json_keys(sql_type: str) -> Subquery:
+    """The keys of a JSON array bound as :data:`KEYS`, as a derived table of one column, ``k``."""
+    rows = text(f"SELECT k FROM JSON_TABLE(:{KEYS}, '$[*]' COLUMNS (k {sql_type} PATH '$')) AS batchjobs_json")
+    return rows.bindparams(bindparam(KEYS, type_=String())).columns(column("k")).subquery("batchjobs_keys")
 
 
 def _pending_flags(condition: ColumnElement[bool], table: Table) -> list[Column[Any]]:

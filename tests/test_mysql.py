@@ -448,3 +448,28 @@ def test_admin_and_backfill_walks_after_a_key_seek_in_the_pending_index(mysql_en
         assert "filesort" not in (row["Extra"] or ""), _shown(plan)
     with engine.connect() as conn:
         assert [key for key, _ in store.row_keys(conn, job, pending, 3, after=90000)] == [90001, 90002, 90003]
+
+
+def test_the_failure_recheck_probes_the_failure_table_per_key(mysql_engine: Engine) -> None:
+    """The re-check after a claim reads its keys from one JSON parameter: it probes the failure
+    table's primary key for each of them, however many failure records the job has."""
+    engine = mysql_engine
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batchjobs_failures (job, row_key, attempts, crashes, first_failed_at, last_failed_at,"
+                " dead, error_type, error_message, traceback)"
+                f" SELECT 'process_item', CAST(n AS CHAR), 1, 0, UTC_TIMESTAMP(), UTC_TIMESTAMP(), true, 'E', '', '' FROM {numbers_sql(10000)} g"
+            )
+        )
+        conn.execute(text("ANALYZE TABLE batchjobs_failures"))
+    statements = store_for(engine).chunk_statements(jobapp.jobs.job("process_item"), 100)
+    now = datetime.now(timezone.utc)
+    keys = [str(n) for n in range(9950, 10050)]
+    plan = _explain_sent(engine, lambda conn: statements.failure_states(conn, keys, now, now))
+    print(_shown(plan))
+    [lookup] = [row for row in plan if row["table"] == "batchjobs_failures"]
+    assert lookup["key"] == "PRIMARY" and lookup["type"] == "eq_ref", _shown(plan)
+    with engine.connect() as conn:
+        states = statements.failure_states(conn, keys, now, now)
+    assert states == {str(n): (1, True) for n in range(9950, 10001)}

@@ -46,7 +46,6 @@ from sqlalchemy import (
     select,
     text,
     true,
-    update,
 )
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.compiler import compiles
@@ -334,9 +333,11 @@ class MySQLChunkStatements(ChunkStatements):
 
     def __init__(self, store: Store, job: FlagJob, limit: int) -> None:
         super().__init__(store, job, limit)
-        # A chunk's keys travel as one JSON array, read by JSON_TABLE, rather than as a hundred
-        # parameters of an IN list: the statement text is the same for every chunk, and the
-        # driver escapes one string instead of a hundred values.
+        # The re-check's keys travel as one JSON array, read by JSON_TABLE, rather than as a
+        # hundred parameters of an IN list: the statement text is the same for every chunk, and
+        # the driver escapes one string instead of a hundred. Not so the mark: an UPDATE joined
+        # to JSON_TABLE may read the table first, and wait for rows another run holds; MariaDB
+        # before 11.1 runs "IN (subquery)" of a single-table UPDATE for every row of the table.
         row_keys = FAILURES.c.row_key.in_(select(_json_keys("VARCHAR(255)").c.k))
         self.failures = select(Failure.row_key, Failure.attempts, held_back_condition()).where(
             Failure.job == job.name, row_keys
@@ -344,17 +345,6 @@ class MySQLChunkStatements(ChunkStatements):
         self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back_condition(suspects=False)).where(
             Failure.job == job.name, row_keys
         )
-        #: Whether marks name their keys in JSON (integer keys, which JSON_TABLE reads exactly).
-        self.json_marks = isinstance(job.primary_key.type, Integer)
-        if self.json_marks:
-            # A join, not IN (subquery): MariaDB before 11.1 would run the subquery for every
-            # row of the table in a single-table UPDATE.
-            keys = _json_keys("BIGINT")
-            self.mark = (
-                update(job.table)
-                .where(job.primary_key == keys.c.k)
-                .values({c.name: bindparam(f"batchjobs_done_{c.name}", type_=c.type) for c in job.done_columns})
-            )
 
     def failure_states(
         self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime, *, suspect: bool = False
@@ -362,13 +352,6 @@ class MySQLChunkStatements(ChunkStatements):
         params = {KEYS: json.dumps(list(keys)), "now": now, "run_started": run_started}
         rows = connection.execute(self.suspect_failures if suspect else self.failures, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}
-
-    def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
-        if not self.json_marks:
-            super().mark_done(connection, keys, now)
-        elif keys:
-            done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
-            connection.execute(self.mark, {KEYS: json.dumps([int(key) for key in keys]), **done})
 
     def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
         """The claim of :meth:`ChunkStatements.claim_statement`, whose per-row failure lookup runs

@@ -6,6 +6,11 @@ an insert into a table that references a claimed row waits until the chunk commi
 partial indexes: the pending index is on (flag, primary key), whose pending part is walked in key
 order. Times are stored as naive UTC in ``DATETIME(6)`` (see ``UTCDateTime``), so the server's
 time zone never matters.
+
+MySQL has no per-transaction settings (PostgreSQL's ``SET LOCAL``): a lock wait limit, and the
+lifting of MariaDB's idle transaction timeouts in chunks, change the session's setting and put it
+back when the transaction ends. InnoDB breaks a deadlock by rolling one transaction back whole;
+the run loop runs such a chunk again (see :meth:`MySQLStore.is_deadlock`).
 """
 
 from __future__ import annotations
@@ -86,7 +91,6 @@ ER_LOCK_DEADLOCK = 1213
 IDLE_TRANSACTION_LIMITS = ("idle_readonly_transaction_timeout", "idle_transaction_timeout", "idle_write_transaction_timeout")
 #: Connection.info key: the session settings changed for this transaction, to put back at its end.
 _RESTORE = "batchjobs_restore_session"
-
 
 
 class MySQLStore(Store):

@@ -177,6 +177,6 @@ def change_rows(
         result.rows += changed
         result.failures_cleared += cleared
         result.chunks += 1
-        cursor = advance(cursor, keys[-1])
+        cursor = advance(cursor, keys[-1], store.walk_order(flag_job.primary_key))
         if progress is not None:
             progress(len(keys))

@@ -111,7 +111,7 @@ def run_backfill(
                     return result
                 backfill.call(rows, BackfillContext(session=session, backfill=backfill, logger=ctx_logger))
                 session.flush()
-                state.cursor = str(advance(cursor, getattr(rows[-1], pk_attr)))
+                state.cursor = str(advance(cursor, getattr(rows[-1], pk_attr), store.walk_order(backfill.primary_key)))
                 state.rows_done += len(rows)
                 state.updated_at = now
         except Exception as exc:

@@ -168,6 +168,8 @@ def running(
 
 #: What chunk() returns for a job it had to skip for the rest of the run.
 _SKIPPED = -1
+#: How many times a chunk runs when the database keeps breaking deadlocks by rolling it back.
+DEADLOCK_ATTEMPTS = 3
 
 
 @dataclass
@@ -288,8 +290,27 @@ class _Run:
         """Claim, handle and commit one chunk; returns how many rows were claimed, or _SKIPPED.
 
         With ``suspects``, the chunk is one crash suspect (see :mod:`batchjobs.crashes`). With
-        ``keys``, the chunk is those of the rows of these primary keys that are claimable.
+        ``keys``, the chunk is those of the rows of these primary keys that are claimable. A chunk
+        whose transaction the database rolled back to break a deadlock is run again, up to
+        DEADLOCK_ATTEMPTS times in all: nothing of it was committed, so its rows are pending and
+        unlocked, and running it again is what the next run would do.
         """
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                return self._chunk(job, limit, stats, suspects, keys)
+            except DBAPIError as error:
+                if attempt == DEADLOCK_ATTEMPTS or not self.store.is_deadlock(error):
+                    raise
+                logger.warning(
+                    "job %s: the database rolled the chunk back to break a deadlock; running it again (%d of %d)",
+                    job.name,
+                    attempt + 1,
+                    DEADLOCK_ATTEMPTS,
+                    extra={"job": job.name, "outcome": "deadlock"},
+                )
+        raise AssertionError("unreachable")
+
+    def _chunk(self, job: FlagJob, limit: int, stats: JobStats, suspects: bool, keys: Sequence[Any] | None) -> int:
         statements = self.statements.get((job.name, limit))
         if statements is None:
             statements = self.statements[job.name, limit] = self.store.chunk_statements(job, limit)
@@ -378,7 +399,7 @@ class _Run:
         elif len(claimed) < limit:
             self.after.pop(job.name, None)
         else:
-            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached])
+            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached], self.store.walk_order(job.primary_key))
         # Reported after the commit, so a hook never announces a failure that was not recorded.
         for failure in failures:
             self._report(job, failure)

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--database-url URL] [--quick] [--json PATH]
                              [--baseline REV] [--callgrind] [--scenarios NAME,...]
-    python benchmarks/run.py --database mysql --database-url mysql://root@127.0.0.1:3306/ [--quick]
+    python benchmarks/run.py --database mysql --database-url mysql://root@127.0.0.1:3306/ [--quick] [--baseline REV]
 
 Without --database-url a throwaway embedded PostgreSQL is started. With --database mysql, the
 drain, idle and concurrency scenarios and a polling worker's latency and throughput run on that
@@ -548,25 +548,27 @@ def drain_scenarios(server: pg.Server, sizes: Sizes, report: Report, codes: Sequ
 
 
 def mysql_drain_scenario(server: Any, sizes: Sizes, report: Report, codes: Sequence[Code] = (CURRENT,)) -> None:
-    """MySQL/MariaDB: run_pending and the CLI process beside the database's own keyset SQL loop
-    (the current code only: ``codes`` is for the signature the drain scenario shares)."""
+    """MySQL/MariaDB: run_pending and the CLI process beside the database's own keyset SQL loop;
+    with a baseline revision, its run_pending too, on a database its own migrations made."""
     import mysqlbench
 
     n = sizes.drain
     section = f"1. Drain {n:,} rows, no-op"
-    with server.database("drain") as url:
-        contenders: dict[str, Callable[[URL], float]] = {
-            "sql_keyset": mysqlbench.drain_sql_keyset,
-            "plain": drain_process(CURRENT, KINDS[0].job),
-            "orm": drain_process(CURRENT, KINDS[1].job),
-            "cli": drain_cli("noop_columns"),
-        }
-        for contender in contenders.values():  # untimed warm-up, as on PostgreSQL
-            drained(report, url, 10 * BATCH, contender)
+    with ExitStack() as databases:
+        urls = {code.name: databases.enter_context(code_database(server, "drain", code)) for code in codes}
+        url = urls[CURRENT.name]
+        contenders: dict[str, tuple[Callable[[URL], float], URL]] = {"sql_keyset": (mysqlbench.drain_sql_keyset, url)}
+        for kind in KINDS:
+            for code in codes:
+                name = kind.name if code.name == CURRENT.name else contender_name(code, kind, False)
+                contenders[name] = (drain_process(code, kind.job), urls[code.name])
+        contenders["cli"] = (drain_cli("noop_columns"), url)
+        for contender, where in contenders.values():  # untimed warm-up, as on PostgreSQL
+            drained(report, where, 10 * BATCH, contender)
         samples: dict[str, list[float]] = {name: [] for name in contenders}
         for round_no in range(sizes.drain_rounds):
-            for name, contender in contenders.items():
-                samples[name].append(drained(report, url, n, contender))
+            for name, (contender, where) in contenders.items():
+                samples[name].append(drained(report, where, n, contender))
                 log(f"  drain round {round_no + 1}, {name}: {rate(samples[name][-1])}")
     best = {name: max(speeds) for name, speeds in samples.items()}
     limit = best["sql_keyset"]
@@ -576,13 +578,22 @@ def mysql_drain_scenario(server: Any, sizes: Sizes, report: Report, codes: Seque
     )
     for kind in KINDS:
         speed = best[kind.name]
-        report.add(section, f"batchjobs.run_pending, {kind.what}", rate(speed), f"{ratio(speed / limit)} of SQL limit")
+        report.add(section, f"batchjobs.run_pending, {kind.what}, {CURRENT.label}", rate(speed), f"{ratio(speed / limit)} of SQL limit")
+        for code in codes[1:]:
+            other = best[contender_name(code, kind, False)]
+            report.add(
+                section, f"batchjobs.run_pending, {kind.what}, {code.label}", rate(other),
+                f"{ratio(other / limit)} of SQL limit; current code {ratio(speed / other)}x",
+            )
     share = best["cli"] / limit
     report.add(
         section, "batchjobs run-pending CLI process, plain rows (columns=), start-up included", rate(best["cli"]),
         ratio(share), f">= {DRAIN_RATIO_TARGET:.2f}", verdict(share >= DRAIN_RATIO_TARGET),
     )
-    report.data["drain_rows_per_second"] = {"rows": n, "batch_size": BATCH, "rounds": sizes.drain_rounds, "samples": samples, **best}
+    report.data["drain_rows_per_second"] = {
+        "rows": n, "batch_size": BATCH, "rounds": sizes.drain_rounds, "codes": {code.name: code.label for code in codes},
+        "samples": samples, **best,
+    }
 
 
 # --- 3: the idle tick ----------------------------------------------------------------------------------
@@ -1060,8 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
     if mysql:
         if not args.database_url:
             parser.error("--database mysql needs --database-url, e.g. mysql://root@127.0.0.1:3306/")
-        if args.baseline or args.callgrind or any(name not in MYSQL_SCENARIOS for name in args.scenarios or ()):
-            parser.error(f"with --database mysql, choose scenarios from {', '.join(MYSQL_SCENARIOS)} (no --baseline, --callgrind)")
+        if args.callgrind or any(name not in MYSQL_SCENARIOS for name in args.scenarios or ()):
+            parser.error(f"with --database mysql, choose scenarios from {', '.join(MYSQL_SCENARIOS)} (no --callgrind)")
     scenarios = MYSQL_SCENARIOS if mysql else SCENARIOS
     selected = list(args.scenarios or (MYSQL_SCENARIOS if mysql else BY_DEFAULT))
     if args.callgrind and "callgrind" not in selected:

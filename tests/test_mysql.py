@@ -14,8 +14,9 @@ from typing import Any
 
 import jobapp
 import pytest
+import sqlalchemy
 from conftest import cli_env, run_cli, url_of
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, false, func, select, text
 from sqlalchemy.orm import Session
 from test_connections import _timed, frozen_port  # noqa: F401 - frozen_port is a fixture
 from test_plans import numbers_sql
@@ -308,3 +309,167 @@ def test_the_connect_timeout_does_not_cut_statements_short(mysql_engine: Engine)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT SLEEP(2)").scalar() == 0
     engine.dispose()
+
+
+def _updating(engine: Engine, table: str) -> bool:
+    """Whether a connection to this database is running an UPDATE of ``table``."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE :query"),
+            {"query": f"UPDATE {table}%"},
+        ).scalar_one()
+    return bool(found)
+
+
+def test_a_chunk_rolled_back_by_a_deadlock_runs_again(mysql_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A real deadlock between a chunk's mark and another transaction: InnoDB rolls the chunk back
+    whole, and the run claims and handles those rows again instead of ending."""
+    engine = mysql_engine
+    add_items(engine, 5)
+    registry = Registry()
+    calls: list[int] = []
+
+    @registry.flag_job(jobapp.Item.processed, columns=[jobapp.Item.id])
+    def note(item: Any) -> None:
+        calls.append(item.id)
+
+    other = create_engine(engine.url, isolation_level="REPEATABLE READ")
+    with other.connect() as conn:
+        conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 30")
+        # Heavier than the chunk (InnoDB rolls back the transaction that changed less): 2,000 rows.
+        conn.execute(text(f"INSERT INTO orders (id) SELECT n FROM {numbers_sql(2000)} g"))
+        # REPEATABLE READ locks the gap after the last pending-index entry: the chunk's mark,
+        # which moves its rows to "processed = true" entries there, has to wait for it.
+        conn.execute(text("SELECT id FROM items FORCE INDEX (ix_items_processed_pending) WHERE processed = true FOR UPDATE"))
+        summary: list[Any] = []
+        run = threading.Thread(target=lambda: summary.append(run_pending(registry, engine)))
+        with caplog.at_level("WARNING", logger="batchjobs"):
+            run.start()
+            try:
+                deadline = time.monotonic() + 30
+                while not _updating(engine, "items"):
+                    assert time.monotonic() < deadline, "the chunk's mark never waited"
+                    time.sleep(0.01)
+                # The chunk holds its rows and marks them (waiting for the gap, or about to): now
+                # wait for one of its rows, and each waits for the other.
+                assert conn.execute(text("SELECT id FROM items WHERE id = 1 FOR UPDATE")).scalar() == 1
+                conn.commit()
+            finally:
+                run.join(60)
+    other.dispose()
+    assert not run.is_alive()
+    assert summary and summary[0].done == 5, summary
+    assert all(processed(engine).values())
+    # The first attempt's rows ran again, once: nothing of that chunk had been committed.
+    assert sorted(set(calls)) == [1, 2, 3, 4, 5] and len(calls) <= 10, calls
+    retried = [r.getMessage() for r in caplog.records if "deadlock" in r.getMessage()]
+    assert retried == ["job note: the database rolled the chunk back to break a deadlock; running it again (2 of 3)"], retried
+
+
+def test_mariadbs_idle_transaction_timeout_is_lifted_in_chunks_only(mysql_url: str) -> None:
+    """A server whose transactions may idle 1 s, and a handler that takes 1.5 s: each row is
+    handled once, the session's limit is back after the run, and still ends other transactions."""
+    limited = create_engine(
+        mysql_url, pool_size=1, max_overflow=0, connect_args={"init_command": "SET SESSION idle_transaction_timeout = 1"}
+    )
+    with limited.connect() as conn:
+        if conn.exec_driver_sql("SHOW SESSION VARIABLES LIKE 'idle_transaction_timeout'").first() is None:
+            pytest.skip("this server has no idle_transaction_timeout (MySQL)")
+    jobapp.Base.metadata.create_all(limited)
+    migrate(limited)
+    add_items(limited, 3)
+    registry = Registry()
+    calls: list[int] = []
+
+    @registry.flag_job(jobapp.Item.processed, columns=[jobapp.Item.id])
+    def slow(item: Any) -> None:
+        calls.append(item.id)
+        time.sleep(1.5)
+
+    summary = run_pending(registry, limited)
+
+    assert (summary.done, summary.failed) == (3, 0)
+    assert calls == [1, 2, 3]
+    assert all(processed(limited).values())
+    with limited.connect() as conn:  # the pool's one connection, the run's
+        assert conn.exec_driver_sql("SELECT @@SESSION.idle_transaction_timeout").scalar() == 1
+        conn.execute(select(jobapp.Item.id).limit(1)).all()
+        time.sleep(1.5)
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            conn.execute(select(jobapp.Item.id).limit(1)).all()
+    limited.dispose()
+
+
+def _explain_sent(engine: Engine, send: Any) -> list[dict[str, Any]]:
+    """EXPLAIN of the one SELECT that ``send(connection)`` sends, with its own parameters."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "information_schema" not in statement:
+            sent.append((statement, parameters))
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", record)
+    try:
+        with engine.connect() as conn:
+            send(conn)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+    [(statement, parameters)] = sent
+    with engine.connect() as conn:
+        return [dict(row) for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters).mappings()]
+
+
+def test_admin_and_backfill_walks_after_a_key_seek_in_the_pending_index(mysql_engine: Engine) -> None:
+    """mark-done walks pending rows, and so does a backfill of rows whose flag is pending: each
+    chunk after the first seeks to its position in the pending index, as a run's claims do,
+    instead of reading "flag = false" from its start."""
+    engine = mysql_engine
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO items (id, category, processed) SELECT n, 'a', false FROM {numbers_sql(100000)} g"))
+        conn.execute(text("ANALYZE TABLE items"))
+    job = jobapp.jobs.job("process_item")
+    store = store_for(engine)
+    pending = job.pending()
+    walks = {
+        "mark-done": lambda conn: store.row_keys(conn, job, pending, 100, after=90000),
+        "mark-done of a key range": lambda conn: store.row_keys(
+            conn, job, jobapp.Item.id.between(50000, 95000) & pending, 100, after=90000
+        ),
+        "backfill of pending rows": lambda conn: store.next_objects(
+            Session(conn), select(jobapp.Item).where(jobapp.Item.processed == false()), jobapp.Item.id, 90000, 100
+        ),
+    }
+    for name, walk in walks.items():
+        plan = _explain_sent(engine, walk)
+        print(f"{name}:\n{_shown(plan)}")
+        [row] = plan
+        assert row["key"] == "ix_items_processed_pending" and row["type"] == "range", _shown(plan)
+        assert int(row["rows"]) <= 20000, _shown(plan)  # the keys after 90,000, not all 100,000
+        assert "filesort" not in (row["Extra"] or ""), _shown(plan)
+    with engine.connect() as conn:
+        assert [key for key, _ in store.row_keys(conn, job, pending, 3, after=90000)] == [90001, 90002, 90003]
+
+
+def test_the_failure_recheck_probes_the_failure_table_per_key(mysql_engine: Engine) -> None:
+    """The re-check after a claim reads its keys from one JSON parameter: it probes the failure
+    table's primary key for each of them, however many failure records the job has."""
+    engine = mysql_engine
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batchjobs_failures (job, row_key, attempts, crashes, first_failed_at, last_failed_at,"
+                " dead, error_type, error_message, traceback)"
+                f" SELECT 'process_item', CAST(n AS CHAR), 1, 0, UTC_TIMESTAMP(), UTC_TIMESTAMP(), true, 'E', '', '' FROM {numbers_sql(10000)} g"
+            )
+        )
+        conn.execute(text("ANALYZE TABLE batchjobs_failures"))
+    statements = store_for(engine).chunk_statements(jobapp.jobs.job("process_item"), 100)
+    now = datetime.now(timezone.utc)
+    keys = [str(n) for n in range(9950, 10050)]
+    plan = _explain_sent(engine, lambda conn: statements.failure_states(conn, keys, now, now))
+    print(_shown(plan))
+    [lookup] = [row for row in plan if row["table"] == "batchjobs_failures"]
+    assert lookup["key"] == "PRIMARY" and lookup["type"] == "eq_ref", _shown(plan)
+    with engine.connect() as conn:
+        states = statements.failure_states(conn, keys, now, now)
+    assert states == {str(n): (1, True) for n in range(9950, 10001)}

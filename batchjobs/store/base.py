@@ -13,8 +13,9 @@ its name says so.
 
 from __future__ import annotations
 
+import operator
 from collections import namedtuple
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -86,13 +87,14 @@ def keyset(stmt: Select[Any], key: Column[Any], after: Any = None, *, bound: boo
     return stmt if after is None else stmt.where(key > after)
 
 
-def advance(position: Any, reached: Any) -> Any:
+def advance(position: Any, reached: Any, later: Callable[[Any, Any], bool] = operator.gt) -> Any:
     """The walk's next position, ``reached``, which must lie past the current ``position``.
 
     Keyset order must move forward: anything else (a key type that does not sort as the database
     sorts it, a selection that changes under the walk) would walk the same rows forever.
+    ``later(reached, position)`` tells whether it did (see :meth:`Store.walk_order`).
     """
-    if position is not None and not reached > position:
+    if position is not None and not later(reached, position):
         raise BatchJobsError(f"the walk did not move past key {position}")
     return reached
 
@@ -171,6 +173,12 @@ class Store:
         """The engine to open claiming transactions (chunks, admin changes, backfills) on."""
         return self.engine
 
+    def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
+        """How a keyset walk on ``key`` tells that a key it reached lies past its position
+        (see :func:`advance`): Python's ``>``, where Python orders the key's values as the
+        database does."""
+        return operator.gt
+
     # -- driver and server behaviour -----------------------------------------------------------------
 
     def limit_lock_wait(self, connection: Connection | Session, seconds: float) -> None:
@@ -178,6 +186,11 @@ class Store:
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
+        return False
+
+    def is_deadlock(self, error: DBAPIError) -> bool:
+        """Whether ``error`` means the database rolled the whole transaction back to break a
+        deadlock: nothing of it was committed, so it may be run again."""
         return False
 
     def transaction_limits(self, connection: Connection) -> list[str]:

@@ -207,22 +207,16 @@ class MySQLStore(Store):
         """
         found = self._seek_indexes.get((table, flag.name))
         if found is None:
-            name = connection.execute(
-                text(
-                    "SELECT first.INDEX_NAME FROM information_schema.STATISTICS first"
-                    " JOIN information_schema.STATISTICS second ON second.TABLE_SCHEMA = first.TABLE_SCHEMA"
-                    " AND second.TABLE_NAME = first.TABLE_NAME AND second.INDEX_NAME = first.INDEX_NAME"
-                    " AND second.SEQ_IN_INDEX = 2"
-                    " WHERE first.TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND first.TABLE_NAME = :table"
-                    " AND first.SEQ_IN_INDEX = 1 AND first.COLUMN_NAME = :flag AND second.COLUMN_NAME = :key"
-                    " ORDER BY first.INDEX_NAME LIMIT 1"
-                ),
-                {"schema": table.schema, "table": table.name, "flag": flag.name, "key": key.name},
-            ).scalar()
             bound = connection.get_bind() if isinstance(connection, Session) else connection
-            found = self._seek_indexes[table, flag.name] = (
-                "" if name is None else str(bound.dialect.identifier_preparer.quote(name))
-            )
+            quote = bound.dialect.identifier_preparer.quote
+            # SHOW INDEX reads this one table's definition. A query of information_schema.STATISTICS
+            # may open every table of every database on the server, waiting on their metadata locks.
+            where = f" FROM {quote(table.schema)}" if table.schema else ""
+            columns: dict[str, dict[int, str]] = {}
+            for row in connection.execute(text(f"SHOW INDEX FROM {quote(table.name)}{where}")).mappings():
+                columns.setdefault(row["Key_name"], {})[int(row["Seq_in_index"])] = row["Column_name"]
+            names = sorted(name for name, seq in columns.items() if seq.get(1) == flag.name and seq.get(2) == key.name)
+            found = self._seek_indexes[table, flag.name] = str(quote(names[0])) if names else ""
         return found or None
 
     def _seeking(self, connection: Connection | Session, stmt: Select[Any], key: Column[Any], condition: Any) -> Select[Any]:

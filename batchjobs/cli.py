@@ -21,7 +21,7 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.logs import configure as configure_logging
 from batchjobs.registry import Registry, load_registry
 from batchjobs.text import table_lines
-from batchjobs.timeutil import format_duration, parse_duration, utcnow
+from batchjobs.timeutil import check_max_runtime, format_duration, parse_duration, utcnow
 
 
 class _Group(click.Group):
@@ -83,11 +83,18 @@ class _State:
 class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in some click versions
     name = "duration"
 
+    def __init__(self, *, run_limit: bool = False) -> None:
+        #: A run's time limit, which must leave time to handle a row (see check_max_runtime).
+        self.run_limit = run_limit
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value
         try:
-            return parse_duration(str(value))
+            seconds = parse_duration(str(value))
+            if self.run_limit:
+                check_max_runtime(seconds, "")
+            return seconds
         except BatchJobsError as exc:
             # Raised as BatchJobsError so _Group prints it as one line, without the usage text.
             option = param.opts[-1] if param is not None else "duration"
@@ -95,6 +102,7 @@ class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in s
 
 
 DURATION = _Duration()
+RUN_LIMIT = _Duration(run_limit=True)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -185,7 +193,7 @@ def _run_options(command: Any) -> Any:
 @main.command("run-pending")
 @click.option(
     "--max-runtime",
-    type=DURATION,
+    type=RUN_LIMIT,
     metavar="DURATION",
     help="Stop starting new rows after this long, e.g. 55s for a run every minute. Default: until drained.",
 )
@@ -279,7 +287,7 @@ def _drive(
 
 
 @main.command("worker")
-@click.option("--max-runtime", type=DURATION, metavar="DURATION", help="Stop after this long (to recycle the process).")
+@click.option("--max-runtime", type=RUN_LIMIT, metavar="DURATION", help="Stop after this long (to recycle the process).")
 @click.option("--max-rows", type=click.IntRange(min=1), help="Stop after handling this many rows (to recycle the process).")
 @click.option(
     "--poll-interval",

@@ -33,7 +33,7 @@ from batchjobs.signals import StopRequest
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import format_duration, utcnow
+from batchjobs.timeutil import check_max_runtime, format_duration, utcnow
 from batchjobs.watchdog import Watchdog
 
 logger = logging.getLogger("batchjobs")
@@ -69,6 +69,7 @@ def run_pending(
     selected = registry.select(jobs=jobs, queues=queues)
     if lock_timeout <= 0:
         raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    check_max_runtime(max_runtime)
     store = store_for(engine)
     ensure_schema(store.engine)
     stop = stop if stop is not None else StopRequest()

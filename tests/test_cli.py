@@ -72,6 +72,21 @@ def test_malformed_duration(value: str) -> None:
     assert_one_line_error(result, "--max-runtime", "invalid duration")
 
 
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("55", "invalid duration '55': use a number with a unit, e.g. 30s"),
+        ("0", "invalid duration '0': use a number with a unit"),
+        ("0s", "--max-runtime: 0ms is too short to handle any row; use at least 1s"),
+        ("1ms", "--max-runtime: 1ms is too short to handle any row; use at least 1s"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run-pending", "worker"])
+def test_max_runtime_needs_a_unit_and_time_to_handle_a_row(command: str, value: str, error: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "sqlite://", command, "--max-runtime", value)
+    assert_one_line_error(result, error)
+
+
 def test_unsupported_database() -> None:
     result = run_cli("-A", "jobapp:jobs", "--database-url", "oracle://u:pw@127.0.0.1/x", "jobs")
     assert_one_line_error(result, "batchjobs supports PostgreSQL, MySQL, MariaDB and SQLite; this database is oracle")

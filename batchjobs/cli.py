@@ -33,7 +33,11 @@ class _Group(click.Group):
             result = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "batchjobs"
-            click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+            hint = self._global_hint(exc)
+            if hint is not None:
+                click.echo(f"Error: {hint}", err=True)
+            else:
+                click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
@@ -42,6 +46,20 @@ class _Group(click.Group):
             click.echo("Aborted.", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
+
+    def _global_hint(self, error: click.UsageError) -> str | None:
+        """For an option of the ``batchjobs`` command itself given after a subcommand: where it goes."""
+        option = getattr(error, "option_name", None)
+        if not isinstance(error, click.NoSuchOption) or error.ctx is None or error.ctx.parent is None:
+            return None
+        ours = next((p for p in self.params if option in (*p.opts, *p.secondary_opts)), None)
+        if ours is None:
+            return None
+        command = error.ctx.info_name
+        return (
+            f"{option} is an option of batchjobs itself, not of {command}: "
+            f"put it before the command, as in batchjobs {option} ... {command}"
+        )
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

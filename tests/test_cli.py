@@ -128,3 +128,16 @@ def test_help_explains_each_command() -> None:
         assert command in result.stdout
     run_help = run_cli("run-pending", "--help").stdout
     assert "--max-runtime" in run_help and "SIGTERM" in run_help
+
+
+@pytest.mark.parametrize(("option", "value"), [("--database-url", "sqlite://"), ("-A", "jobapp:jobs"), ("--app", "jobapp:jobs")])
+def test_a_global_option_after_the_command_says_where_it_goes(option: str, value: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "status", option, value)
+    assert_one_line_error(
+        result, f"{option} is an option of batchjobs itself, not of status: put it before the command, as in batchjobs {option} ... status"
+    )
+
+
+def test_an_unknown_option_still_points_at_the_help() -> None:
+    result = run_cli("-A", "jobapp:jobs", "status", "--nope")
+    assert_one_line_error(result, "No such option '--nope'", "see 'batchjobs status --help'")

@@ -65,9 +65,21 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except BatchJobsError as exc:
+            _traceback_if_asked()
             raise click.ClickException(str(exc)) from None
         except DBAPIError as exc:
+            _traceback_if_asked()
             raise click.ClickException(f"database error: {first_line(exc)}") from None
+
+
+def _traceback_if_asked() -> None:
+    """With ``BATCHJOBS_DEBUG=1``, the traceback of the error being handled (and of its cause),
+    before the one line that states it."""
+    if os.environ.get("BATCHJOBS_DEBUG", "").strip().lower() in ("", "0", "false", "no"):
+        return
+    import traceback
+
+    traceback.print_exc()
 
 
 @dataclass

@@ -431,7 +431,6 @@ def load_registry(spec: str) -> Registry:
     import importlib
     import os
     import sys
-    import traceback
 
     module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
@@ -439,9 +438,13 @@ def load_registry(spec: str) -> Registry:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any error in the app's import is reported the same way
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(exc, ImportError) else ""
-        raise BatchJobsError(f"cannot import app {module_name!r}: {type(exc).__name__}: {exc}{where}") from None
+        where = _error_location(exc, module_name)
+        # A SyntaxError's text names its file and line too; the location says them once.
+        message = exc.msg if isinstance(exc, SyntaxError) and exc.filename else str(exc)
+        raise BatchJobsError(
+            f"cannot import app {module_name!r}: {type(exc).__name__}: {message}{where}"
+            " (set BATCHJOBS_DEBUG=1 for the traceback)"
+        ) from exc
     if attribute:
         try:
             registry = getattr(module, attribute)
@@ -456,3 +459,20 @@ def load_registry(spec: str) -> Registry:
             f"module {module_name!r} holds {len(found)} Registry objects; name one as {module_name}:attribute"
         )
     return found[0]
+
+
+def _error_location(error: BaseException, module_name: str) -> str:
+    """`` (at file:line)`` of where an app's import failed: the line with a syntax error, else
+    the innermost frame outside Python's import machinery and installed libraries."""
+    import sysconfig
+    import traceback
+
+    if isinstance(error, ModuleNotFoundError) and error.name == module_name:
+        return ""  # the app itself was not found: there is no line to show
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" (at {error.filename}:{error.lineno})"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")]
+    libraries = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    own = [f for f in frames if not any(f.filename.startswith(path) for path in libraries if path)]
+    frame = (own or frames or [None])[-1]
+    return "" if frame is None else f" (at {frame.filename}:{frame.lineno})"

@@ -141,3 +141,31 @@ def test_a_global_option_after_the_command_says_where_it_goes(option: str, value
 def test_an_unknown_option_still_points_at_the_help() -> None:
     result = run_cli("-A", "jobapp:jobs", "status", "--nope")
     assert_one_line_error(result, "No such option '--nope'", "see 'batchjobs status --help'")
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "line"),
+    [
+        ("x = 1\ndef broken(:\n    pass\n", "SyntaxError: invalid syntax", 2),
+        ("import json\n\nraise RuntimeError('boom')\n", "RuntimeError: boom", 3),
+        # Raised inside a library the app calls: the app's own line is the one to show.
+        ("from sqlalchemy import Column\n\nColumn(1, 2, 3)\n", "ArgumentError", 3),
+    ],
+)
+def test_an_app_that_fails_to_import_names_its_file_and_line(tmp_path: Path, source: str, error: str, line: int) -> None:
+    (tmp_path / "brokenapp.py").write_text(source)
+    result = run_cli("-A", "brokenapp:jobs", "jobs", cwd=tmp_path)
+    assert_one_line_error(
+        result, f"cannot import app 'brokenapp': {error}", f"(at {tmp_path / 'brokenapp.py'}:{line})", "BATCHJOBS_DEBUG=1"
+    )
+    assert "frozen" not in result.stderr
+
+
+def test_batchjobs_debug_shows_the_full_traceback(tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text("def load():\n    raise RuntimeError('boom')\n\nload()\n")
+    result = run_cli("-A", "brokenapp:jobs", "jobs", cwd=tmp_path, env=cli_env(BATCHJOBS_DEBUG="1"))
+    assert result.returncode == 1
+    assert "Traceback (most recent call last):" in result.stderr
+    assert f'File "{tmp_path / "brokenapp.py"}", line 2, in load' in result.stderr
+    # The one line still comes last, as without the setting.
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot import app 'brokenapp': RuntimeError: boom")

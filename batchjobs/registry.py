@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, select
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, event, false, inspect, select
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
 
@@ -76,14 +76,23 @@ def pending_condition(flag: Column[Any]) -> ColumnElement[bool]:
     )
 
 
-def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | None = None) -> Index:
+def pending_index(flag: InstrumentedAttribute[Any] | Column[Any] | MappedColumn[Any], name: str | None = None) -> Index:
     """A partial index on the primary key covering only pending rows.
 
-    Finding pending rows then costs O(pending), not O(table). Call it after the model class,
-    e.g. ``pending_index(User.welcome_email_sent)``; the index joins the table's metadata.
-    MySQL and MariaDB have no partial indexes: there it is an index on (flag, primary key).
+    Finding pending rows then costs O(pending), not O(table). Declare it in the class body, as
+    SQLAlchemy indexes are declared, with the flag's ``mapped_column``::
+
+        welcome_email_sent: Mapped[bool] = flag_column()
+        __table_args__ = (pending_index(welcome_email_sent),)
+
+    or after the class, ``pending_index(User.welcome_email_sent)``; either way the index joins
+    the table's metadata, the same index. MySQL and MariaDB have no partial indexes: there it is
+    an index on (flag, primary key).
     """
-    column = _column(flag)
+    target = flag.column if isinstance(flag, MappedColumn) else flag
+    if isinstance(target, Column) and not isinstance(getattr(target, "table", None), Table):
+        return _pending_index_once_attached(target, name)
+    column = _column(target)
     table = column.table
     assert isinstance(table, Table)
     primary_key = list(table.primary_key.columns)
@@ -95,6 +104,21 @@ def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | No
         sqlite_where=condition,
         info={PENDING_FLAG: column.name},
     )
+
+
+def _pending_index_once_attached(column: Column[Any], name: str | None) -> Index:
+    """For a class body, where the flag has no table yet (nor, perhaps, its type or name): an
+    index that stands in for the pending index until the table is built, then gives its place to
+    the real one. Table arguments are attached after the columns, so by then the table has its
+    primary key and the flag its type."""
+    stand_in = Index(name or "batchjobs_pending_index")
+
+    @event.listens_for(stand_in, "after_parent_attach")
+    def _attached(_index: Index, table: Any) -> None:
+        table.indexes.discard(stand_in)
+        pending_index(column, name)  # bound to the table's columns, it joins the table itself
+
+    return stand_in
 
 
 @dataclass

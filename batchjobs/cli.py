@@ -507,7 +507,7 @@ def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) 
         _echo_json([row.as_json() for row in rows])
         return
     if not rows:
-        click.echo("no failing rows")
+        click.echo("no dead rows" if dead else "no failing rows")
         return
     now = utcnow()
     click.echo(

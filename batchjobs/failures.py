@@ -129,9 +129,10 @@ def _failures_of(
 def list_failures(
     registry: Registry, bind: Engine | Connection, job: str | None = None, dead_only: bool = False
 ) -> list[FailureInfo]:
-    """Failing and dead rows, oldest failure first; one job's when ``job`` is given. Reads only."""
+    """Failing and dead rows, oldest failure first, then by row key (as the key's type sorts:
+    row 61 before row 101); one job's when ``job`` is given. Reads only."""
     with _failures_of(registry, bind, job) as (store, connection, name):
-        return [
+        found = [
             FailureInfo(
                 job=f.job,
                 row_key=f.row_key,
@@ -146,6 +147,21 @@ def list_failures(
             )
             for f in store.failures(connection, name, dead_only)
         ]
+    return sorted(found, key=lambda f: (f.job, f.first_failed_at, _key_order(registry, f.job, f.row_key)))
+
+
+def _key_order(registry: Registry, job: str, row_key: str) -> tuple[int, Any]:
+    """Sort key of a row key stored as text: the key's own value for a registered job whose key
+    reads back as its type, else the text (after typed keys, so that both never compare)."""
+    from batchjobs.registry import parse_key
+
+    flag_job = registry.jobs.get(job)
+    if flag_job is not None:
+        try:
+            return (0, parse_key(flag_job.primary_key, row_key))
+        except BatchJobsError:
+            pass
+    return (1, row_key)
 
 
 def show_failure(registry: Registry, bind: Engine | Connection, job: str, row_key: str) -> Failure:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, event, false, inspect, select
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
@@ -18,6 +18,9 @@ from batchjobs.failures import Backoff
 from batchjobs.store.base import PENDING_FLAG
 
 Handler = Callable[..., Any]
+#: The decorated function's own type: the decorators hand it back unchanged, so type checkers
+#: keep its signature.
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 FailureHook = Callable[["FlagJob", str, BaseException], None]
 
 
@@ -301,7 +304,7 @@ class Registry:
         timeout: float | None = None,
         pending_since: InstrumentedAttribute[Any] | None = None,
         columns: Sequence[InstrumentedAttribute[Any]] = (),
-    ) -> Callable[[Handler], Handler]:
+    ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler for rows whose ``flag`` is pending.
 
         ``flag`` is a Boolean column (False = pending, True = done) or a nullable DateTime column
@@ -352,7 +355,7 @@ class Registry:
         if max_crashes < 1:
             raise BatchJobsError(f"max_crashes must be at least 1, got {max_crashes}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: HandlerT) -> HandlerT:
             job_name = name or handler.__name__
             if job_name in self.jobs:
                 raise BatchJobsError(
@@ -382,7 +385,7 @@ class Registry:
 
     def backfill(
         self, query: Select[Any], *, name: str | None = None, chunk_size: int = 1000
-    ) -> Callable[[Handler], Handler]:
+    ) -> Callable[[HandlerT], HandlerT]:
         """Register a one-off backfill: the function gets each chunk of ``query``'s rows as a list.
 
         ``query`` selects one mapped class, e.g. ``select(User).where(User.display_name.is_(None))``;
@@ -398,7 +401,7 @@ class Registry:
         if chunk_size < 1:
             raise BatchJobsError(f"chunk_size must be at least 1, got {chunk_size}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: HandlerT) -> HandlerT:
             backfill_name = name or handler.__name__
             if backfill_name in self.backfills:
                 raise BatchJobsError(f"a backfill named {backfill_name!r} is already registered")
@@ -498,5 +501,5 @@ def _error_location(error: BaseException, module_name: str) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")]
     libraries = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
     own = [f for f in frames if not any(f.filename.startswith(path) for path in libraries if path)]
-    frame = (own or frames or [None])[-1]
-    return "" if frame is None else f" (at {frame.filename}:{frame.lineno})"
+    chosen = own or frames
+    return f" (at {chosen[-1].filename}:{chosen[-1].lineno})" if chosen else ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from sqlalchemy import (
@@ -148,6 +148,8 @@ class Store:
     #: Whether adding a column with a constant default, and then changing that default, touch
     #: no existing row (see :meth:`add_flag_column`).
     instant_column_defaults: ClassVar[bool] = False
+    #: Whether a DATETIME holds no time zone even when asked to: times are written as naive UTC.
+    naive_times: ClassVar[bool] = False
 
     def __init__(self, engine: Engine) -> None:
         #: The engine batchjobs works through: the app's own, or one derived from it (see adopt).
@@ -482,19 +484,32 @@ class Store:
         return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
     @classmethod
-    def add_flag_column(cls, op: Any, table: str, column: str, *, existing_done: bool) -> None:
-        """Add a NOT NULL Boolean flag, false (pending) for new rows, ``existing_done`` for old ones."""
+    def add_flag_column(
+        cls, op: Any, table: str, column: str, *, existing_done: bool, done_at: datetime | None = None, type_: Any = None
+    ) -> None:
+        """Add a flag, pending for new rows, ``existing_done`` for old ones: a NOT NULL Boolean
+        (false = pending), or with ``done_at`` a nullable ``type_`` (DateTime; NULL = pending),
+        where old rows that are done read ``done_at``."""
         import sqlalchemy as sa
 
+        if done_at is None:
+            flag_type, done, pending = sa.Boolean(), sa.true(), sa.false()
+        else:
+            if cls.naive_times:
+                done_at = done_at.astimezone(timezone.utc).replace(tzinfo=None) if done_at.tzinfo else done_at
+            # A constant the server stores once, not an expression evaluated per row.
+            flag_type, done, pending = type_, sa.text(f"'{done_at.isoformat(sep=' ')}'"), None
+        nullable = done_at is not None
         if existing_done and cls.instant_column_defaults:
             # Existing rows take "done" from the default the column is added with, with no UPDATE
             # of every row, instantly on any table size; then new rows get "pending".
-            op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
-            op.alter_column(table, column, server_default=sa.false(), existing_type=sa.Boolean(), existing_nullable=False)
+            op.add_column(table, sa.Column(column, flag_type, nullable=nullable, server_default=done))
+            op.alter_column(table, column, server_default=pending, existing_type=flag_type, existing_nullable=nullable)
             return
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
+        op.add_column(table, sa.Column(column, flag_type, nullable=nullable, server_default=pending))
         if existing_done:
-            op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
+            value = sa.true() if done_at is None else sa.literal(done_at, flag_type)
+            op.execute(sa.table(table, sa.column(column)).update().values({column: value}))
 
     @classmethod
     def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:

@@ -64,6 +64,7 @@ class MySQLStore(Store):
     schemes = ("mysql",)
     # Adding a column and changing a default are instant (MySQL 8.0.12+, MariaDB 10.3+).
     instant_column_defaults = True
+    naive_times = True
     # Pure Python, so it installs anywhere; mysqlclient works too, named in the URL (mysql+mysqldb://).
     default_driver = "pymysql"
     extra = "mysql"

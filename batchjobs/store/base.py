@@ -492,6 +492,8 @@ class Store:
         where old rows that are done read ``done_at``."""
         import sqlalchemy as sa
 
+        done: Any
+        pending: Any
         if done_at is None:
             flag_type, done, pending = sa.Boolean(), sa.true(), sa.false()
         else:

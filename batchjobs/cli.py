@@ -246,7 +246,8 @@ def run_pending_command(
 
     Prints nothing when there was nothing to do, one summary line when there was
     (cron mails any output). Failures are logged to stderr with their traceback.
-    SIGTERM or Ctrl-C finishes the current row, commits, and exits.
+    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits, and exits 0; a second
+    Ctrl-C aborts the chunk in progress (rolled back, its rows pending again) and exits 130.
     """
     from batchjobs.runner import run_pending
 
@@ -285,8 +286,8 @@ def _drive(
     # worker's one to listen on.
     engine = state.engine(pool_size=2 * concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
     try:
-        # A worker under systemd takes SIGHUP as a request to stop politely, never as a crash.
-        with stop_on_signals(hangup=kind == "worker") as stop:
+        # SIGHUP (a worker under systemd, a closed terminal) is a request to stop politely, never a crash.
+        with stop_on_signals(hangup=True) as stop:
             if concurrency == 1:
                 summary = target(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
             else:
@@ -359,7 +360,8 @@ def worker_command(
     trigger on each job's table wakes it within milliseconds of the app's COMMIT
     (install it with `batchjobs triggers --apply` or your migrations); elsewhere it
     polls every --poll-interval. Runs safely beside cron runs and other workers.
-    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits and exits 0.
+    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits and exits 0; a second
+    Ctrl-C aborts the chunk in progress (rolled back, its rows pending again) and exits 130.
     """
     from batchjobs.worker import run_worker
 

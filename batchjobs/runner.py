@@ -12,6 +12,7 @@ savepoints that cost nothing until a handler touches the database (see
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from batchjobs.failures import RowFailure
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry
 from batchjobs.savepoints import ChunkSession, HandlerCalls, StatementCounter
-from batchjobs.signals import StopRequest
+from batchjobs.signals import StopRequest, on_abort
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
@@ -118,7 +119,8 @@ def running(
         )
         ended_well = False
         try:
-            yield run
+            with on_abort(run.abort):
+                yield run
             ended_well = True
         finally:
             run.close(ended_well)
@@ -153,6 +155,8 @@ class _Run:
     limits: list[str] = field(init=False)
     #: Jobs with crash suspects to run apart once their walk is done.
     with_suspects: set[str] = field(init=False)
+    #: Set by abort(), from another thread, when the process is about to end.
+    aborted: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
@@ -166,6 +170,17 @@ class _Run:
         """Stop watching; a worker that ended well clears its marker, any other leaves it for accounting."""
         self.watchdog.stop()
         self.marker.close(ended_well=ended_well)
+
+    def abort(self) -> None:
+        """For a second Ctrl-C, from another thread while this run may be anywhere: cancel the
+        statement in flight, so the server ends it, and forget the crash marker, since the chunk
+        is rolled back when the process ends (see :mod:`batchjobs.signals`)."""
+        # First: a handler whose statement is cancelled below returns, and its chunk must not
+        # commit (see chunk()).
+        self.aborted.set()
+        # The marker is written through its open file: rows written after this go nowhere.
+        self.marker.path.unlink(missing_ok=True)
+        self.store.cancel_running_statement(self.connection.connection.dbapi_connection, self.executed.in_flight)
 
     def claim_wait(self) -> float:
         """How long a claim may wait for its table: the lock timeout, or what is left of the run."""
@@ -295,6 +310,9 @@ class _Run:
                         failures.append(RowFailure(key, attempts.get(key, 0), error))
                     if verbose:
                         _log_row(job, key, time.monotonic() - row_started, error)
+            if self.aborted.is_set():
+                # A second Ctrl-C: the process is ending, and nothing of this chunk may commit.
+                threading.Event().wait()
             handler.finish()
             now = self.clock()
             statements.mark_done(connection, [pks[key] for key in done], now)

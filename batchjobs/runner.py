@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from batchjobs.crashes import InflightMarker, account_abandoned, marker_dir
 from batchjobs.db import ensure_schema
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import RowFailure
+from batchjobs.failures import RowFailure, forget_stale_failures
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry
 from batchjobs.savepoints import ChunkSession, HandlerCalls, StatementCounter
@@ -126,6 +126,9 @@ def running(
             run.close(ended_well)
 
 
+#: Seconds between two looks of a long-running worker for failure records whose row is gone.
+FORGET_EVERY = 30.0
+
 #: What chunk() returns for a job it had to skip for the rest of the run.
 _SKIPPED = -1
 
@@ -155,6 +158,8 @@ class _Run:
     limits: list[str] = field(init=False)
     #: Jobs with crash suspects to run apart once their walk is done.
     with_suspects: set[str] = field(init=False)
+    #: When failure records that no longer belong to a row were last dropped (monotonic seconds).
+    forgot_at: float | None = None
     #: Set by abort(), from another thread, when the process is about to end.
     aborted: threading.Event = field(default_factory=threading.Event)
 
@@ -204,6 +209,7 @@ class _Run:
         asked: their jobs join the turns again, so that a job's long backlog never keeps
         another's new row waiting longer than a chunk.
         """
+        self.forget_stale_failures(jobs)
         by_table: dict[str, list[FlagJob]] = {}
         for job in jobs:
             by_table.setdefault(job.table.name, []).append(job)
@@ -228,6 +234,20 @@ class _Run:
                         active.append(job)
                         phase[job.name] = "walk"
         return not active
+
+    def forget_stale_failures(self, jobs: Sequence[FlagJob]) -> None:
+        """Before claiming, drop the failure records of these jobs that no longer belong to a row
+        (see :func:`batchjobs.failures.forget_stale_failures`); a long-running worker does it at
+        most every :data:`FORGET_EVERY` seconds."""
+        now = time.monotonic()
+        if self.forgot_at is not None and now - self.forgot_at < FORGET_EVERY:
+            return
+        self.forgot_at = now
+        with self.connection.begin():
+            failing = self.store.failing_jobs(self.connection)
+            for job in jobs:
+                if job.name in failing:
+                    forget_stale_failures(self.store, self.connection, job)
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:

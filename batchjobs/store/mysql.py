@@ -159,7 +159,8 @@ class MySQLStore(Store):
         from sqlalchemy.dialects import mysql
 
         table = FAILURES
-        stmt = mysql.insert(table).values(first_failure_values(job, failures, now))
+        digests = self.row_digests(connection, job, [failure.row_key for failure in failures])
+        stmt = mysql.insert(table).values(first_failure_values(job, failures, now, digests))
         new = stmt.inserted
         # As in Store.record_failures: the counts come from the stored row.
         attempts = table.c.attempts + 1
@@ -178,6 +179,7 @@ class MySQLStore(Store):
                 ("error_type", new.error_type),
                 ("error_message", new.error_message),
                 ("traceback", new.traceback),
+                ("row_digest", new.row_digest),
             ]
         )
         connection.execute(stmt)

@@ -103,8 +103,7 @@ def test_rows_left_out_by_where_are_not_counted_as_failing(engine: Engine) -> No
     assert [f.row_key for f in list_failures(registry, engine, "process_item")] == ["2"]
 
 
-@pytest.mark.parametrize("same_run", [False, True])
-def test_a_new_row_reusing_a_dead_rows_key_starts_clean(engine: Engine, same_run: bool) -> None:
+def test_a_new_row_reusing_a_dead_rows_key_starts_clean(engine: Engine) -> None:
     registry = failing_registry({7})
     add_items(engine, 10)
     run_pending(registry, engine)

@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jobapp
-import pytest
 from conftest import cli_env, run_cli, url_of
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.orm import Session

@@ -158,6 +158,8 @@ class _Run:
     limits: list[str] = field(init=False)
     #: Jobs with crash suspects to run apart once their walk is done.
     with_suspects: set[str] = field(init=False)
+    #: Names of the jobs with failure records when the run started; None once used.
+    failing: set[str] | None = field(init=False)
     #: When failure records that no longer belong to a row were last dropped (monotonic seconds).
     forgot_at: float | None = None
     #: Set by abort(), from another thread, when the process is about to end.
@@ -170,6 +172,9 @@ class _Run:
         with self.connection.begin():
             self.limits = self.store.transaction_limits(self.connection)
             self.with_suspects = self.store.suspect_jobs(self.connection)
+            # Here rather than in a transaction of its own: a run on a database without failures
+            # pays one statement for them.
+            self.failing = self.store.failing_jobs(self.connection)
 
     def close(self, ended_well: bool) -> None:
         """Stop watching; a worker that ended well clears its marker, any other leaves it for accounting."""
@@ -243,8 +248,12 @@ class _Run:
         if self.forgot_at is not None and now - self.forgot_at < FORGET_EVERY:
             return
         self.forgot_at = now
+        failing, self.failing = self.failing, None
+        if failing is not None and not any(job.name in failing for job in jobs):
+            return
         with self.connection.begin():
-            failing = self.store.failing_jobs(self.connection)
+            if failing is None:
+                failing = self.store.failing_jobs(self.connection)
             for job in jobs:
                 if job.name in failing:
                     forget_stale_failures(self.store, self.connection, job)

@@ -107,28 +107,34 @@ def stop_on_signals(
     # What the terminal sends its whole process group, left to the parent of a relayed worker.
     from_terminal = {signal.SIGINT, *([signal.SIGHUP] if hangup else [])} if relayed else set()
 
+    interrupts = 0
+
     def react(signum: int) -> None:
+        nonlocal interrupts
         if signum in stopping:
             stop.set(stopping[signum])
         elif signum == RELAYED_ABORT and relayed:
             abort(say=False)
         elif signum == signal.SIGINT and not relayed:
-            if stop.reason == "SIGINT":
+            interrupts += 1
+            if interrupts > 1:
                 abort()
-            first = not stop
             stop.set("SIGINT")
-            if first:
-                os.write(2, STOPPING_LINE)
+            os.write(2, STOPPING_LINE)
 
     handled = {*stopping, signal.SIGINT, *from_terminal, *([RELAYED_ABORT] if relayed else [])}
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
 
-    def noted(_signum: int, _frame: FrameType | None) -> None:
-        # The C-level handler has already written the signal's number to the wakeup pipe; the
-        # watching thread acts on it. This Python-level handler only replaces the default
-        # (KeyboardInterrupt, or death by SIGTERM).
-        pass
+    def noted(signum: int, _frame: FrameType | None) -> None:
+        # The C-level handler has already written the signal's number to the wakeup pipe, and
+        # the watching thread acts on it. A stop is also set here, in the main thread, before
+        # it goes on: a signal sent before a row ends is seen before the next row starts. The
+        # watcher alone counts Ctrl-Cs, since signals that arrive together run this only once.
+        if signum in stopping:
+            stop.set(stopping[signum])
+        elif signum == signal.SIGINT:
+            stop.set("SIGINT")
 
     def watch() -> None:
         while True:

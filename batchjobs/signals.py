@@ -154,9 +154,18 @@ def stop_on_signals(
     try:
         yield stop
     finally:
-        signal.set_wakeup_fd(previous_fd)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if relayed:
+            # A worker whose run is over only reports and ends. What it inherited from its parent
+            # would be wrong now: the parent's wakeup pipe (the parent would take this worker's
+            # signals for its own), and the default action of the relayed signals (a relay that
+            # arrives late would kill it while it hands its report over, holding the queue's lock).
+            signal.set_wakeup_fd(-1)
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         os.close(write_end)  # the watcher reads the end of the pipe and returns
         watcher.join(timeout=5)
         os.close(read_end)

@@ -12,8 +12,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from batchjobs.registry import pending_condition
 from batchjobs.store import store_class
 from batchjobs.store.base import PENDING_FLAG
+from batchjobs.timeutil import utcnow
 
 
 def add_flag_column(
@@ -22,11 +24,16 @@ def add_flag_column(
     column: str,
     *,
     existing_rows: str,
+    type_: Any = None,
     index: bool = True,
     index_name: str | None = None,
     primary_key: str | None = None,
 ) -> None:
-    """Add a Boolean flag column (NOT NULL, server default false = pending) to ``table``.
+    """Add a flag column to ``table``: pending for new rows, the state you choose for existing ones.
+
+    By default a Boolean flag (NOT NULL, server default false = pending). With ``type_`` a
+    DateTime, e.g. ``sa.DateTime(timezone=True)``, a done-at flag: nullable, NULL = pending, and
+    existing rows that are done hold the time of the migration (in UTC).
 
     ``existing_rows`` is ``"done"`` (existing rows are not handled; the usual choice) or
     ``"pending"`` (every existing row is handled by the next runs). With ``index`` (default) the
@@ -42,9 +49,17 @@ def add_flag_column(
     """
     if existing_rows not in ("done", "pending"):
         raise ValueError(f"existing_rows must be 'done' or 'pending', not {existing_rows!r}")
+    flag_type = sa.Boolean() if type_ is None else sa.types.to_instance(type_)
+    if not isinstance(flag_type, (sa.Boolean, sa.DateTime)):
+        raise ValueError(f"a flag is Boolean or DateTime, not {flag_type}")
+    done_at = None
+    if isinstance(flag_type, sa.DateTime):
+        # Whole seconds: every database's plain DATETIME takes them as a default.
+        now = utcnow().replace(microsecond=0)
+        done_at = now if flag_type.timezone else now.replace(tzinfo=None)
     bind = op.get_bind()
     store = store_class(bind.dialect.name)
-    store.add_flag_column(op, table, column, existing_done=existing_rows == "done")
+    store.add_flag_column(op, table, column, existing_done=existing_rows == "done", done_at=done_at, type_=flag_type)
     if not index:
         return
     if primary_key is None:
@@ -55,7 +70,7 @@ def add_flag_column(
             raise ValueError(f"{table} needs a single-column primary key for a pending index, has {found}")
         primary_key = found[0]
     # Same expression as pending_index(), so the claim query matches the index.
-    pending = sa.column(column, sa.Boolean()) == sa.false()
+    pending = pending_condition(sa.Column(column, flag_type, nullable=done_at is not None))
     store.create_pending_index(op, index_name or f"ix_{table}_{column}_pending", table, primary_key, pending)
 
 

@@ -21,7 +21,7 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.logs import configure as configure_logging
 from batchjobs.registry import Registry, load_registry
 from batchjobs.text import table_lines
-from batchjobs.timeutil import format_duration, parse_duration, utcnow
+from batchjobs.timeutil import check_max_runtime, format_duration, parse_duration, utcnow
 
 
 class _Group(click.Group):
@@ -33,7 +33,11 @@ class _Group(click.Group):
             result = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx else "batchjobs"
-            click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
+            hint = self._global_hint(exc)
+            if hint is not None:
+                click.echo(f"Error: {hint}", err=True)
+            else:
+                click.echo(f"Error: {exc.format_message()} (see '{where} --help')", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
@@ -43,13 +47,39 @@ class _Group(click.Group):
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
+    def _global_hint(self, error: click.UsageError) -> str | None:
+        """For an option of the ``batchjobs`` command itself given after a subcommand: where it goes."""
+        option = getattr(error, "option_name", None)
+        if not isinstance(error, click.NoSuchOption) or error.ctx is None or error.ctx.parent is None:
+            return None
+        ours = next((p for p in self.params if option in (*p.opts, *p.secondary_opts)), None)
+        if ours is None:
+            return None
+        command = error.ctx.info_name
+        return (
+            f"{option} is an option of batchjobs itself, not of {command}: "
+            f"put it before the command, as in batchjobs {option} ... {command}"
+        )
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BatchJobsError as exc:
+            _traceback_if_asked()
             raise click.ClickException(str(exc)) from None
         except DBAPIError as exc:
+            _traceback_if_asked()
             raise click.ClickException(f"database error: {first_line(exc)}") from None
+
+
+def _traceback_if_asked() -> None:
+    """With ``BATCHJOBS_DEBUG=1``, the traceback of the error being handled (and of its cause),
+    before the one line that states it."""
+    if os.environ.get("BATCHJOBS_DEBUG", "").strip().lower() in ("", "0", "false", "no"):
+        return
+    import traceback
+
+    traceback.print_exc()
 
 
 @dataclass
@@ -83,11 +113,18 @@ class _State:
 class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in some click versions
     name = "duration"
 
+    def __init__(self, *, run_limit: bool = False) -> None:
+        #: A run's time limit, which must leave time to handle a row (see check_max_runtime).
+        self.run_limit = run_limit
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value
         try:
-            return parse_duration(str(value))
+            seconds = parse_duration(str(value))
+            if self.run_limit:
+                check_max_runtime(seconds, "")
+            return seconds
         except BatchJobsError as exc:
             # Raised as BatchJobsError so _Group prints it as one line, without the usage text.
             option = param.opts[-1] if param is not None else "duration"
@@ -95,6 +132,7 @@ class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in s
 
 
 DURATION = _Duration()
+RUN_LIMIT = _Duration(run_limit=True)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -185,7 +223,7 @@ def _run_options(command: Any) -> Any:
 @main.command("run-pending")
 @click.option(
     "--max-runtime",
-    type=DURATION,
+    type=RUN_LIMIT,
     metavar="DURATION",
     help="Stop starting new rows after this long, e.g. 55s for a run every minute. Default: until drained.",
 )
@@ -208,7 +246,8 @@ def run_pending_command(
 
     Prints nothing when there was nothing to do, one summary line when there was
     (cron mails any output). Failures are logged to stderr with their traceback.
-    SIGTERM or Ctrl-C finishes the current row, commits, and exits.
+    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits, and exits 0; a second
+    Ctrl-C aborts the chunk in progress (rolled back, its rows pending again) and exits 130.
     """
     from batchjobs.runner import run_pending
 
@@ -247,8 +286,8 @@ def _drive(
     # worker's one to listen on.
     engine = state.engine(pool_size=2 * concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
     try:
-        # A worker under systemd takes SIGHUP as a request to stop politely, never as a crash.
-        with stop_on_signals(hangup=kind == "worker") as stop:
+        # SIGHUP (a worker under systemd, a closed terminal) is a request to stop politely, never a crash.
+        with stop_on_signals(hangup=True) as stop:
             if concurrency == 1:
                 summary = target(registry, engine, jobs=jobs, queues=queues, stop=stop, **options)
             else:
@@ -279,7 +318,7 @@ def _drive(
 
 
 @main.command("worker")
-@click.option("--max-runtime", type=DURATION, metavar="DURATION", help="Stop after this long (to recycle the process).")
+@click.option("--max-runtime", type=RUN_LIMIT, metavar="DURATION", help="Stop after this long (to recycle the process).")
 @click.option("--max-rows", type=click.IntRange(min=1), help="Stop after handling this many rows (to recycle the process).")
 @click.option(
     "--poll-interval",
@@ -321,7 +360,8 @@ def worker_command(
     trigger on each job's table wakes it within milliseconds of the app's COMMIT
     (install it with `batchjobs triggers --apply` or your migrations); elsewhere it
     polls every --poll-interval. Runs safely beside cron runs and other workers.
-    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits and exits 0.
+    SIGTERM, SIGHUP or Ctrl-C finishes the current row, commits and exits 0; a second
+    Ctrl-C aborts the chunk in progress (rolled back, its rows pending again) and exits 130.
     """
     from batchjobs.worker import run_worker
 
@@ -469,7 +509,7 @@ def failures_command(state: _State, job: str | None, dead: bool, as_json: bool) 
         _echo_json([row.as_json() for row in rows])
         return
     if not rows:
-        click.echo("no failing rows")
+        click.echo("no dead rows" if dead else "no failing rows")
         return
     now = utcnow()
     click.echo(

@@ -126,6 +126,30 @@ def _failures_of(
         yield store, connection, name
 
 
+def forget_stale_failures(store: Store, connection: Connection, job: FlagJob) -> int:
+    """Delete the job's failure records that no longer belong to a row: their row is gone, done,
+    or another row now holds its key (its contents differ from the failed row's). Returns how many.
+
+    A failure state applies only to the row it was recorded for: a deleted row's record would
+    otherwise keep counting as failing or dead, and a new row reusing its key (a table recreated,
+    SQLite reusing a rowid) would inherit its backoff or death. A row the app changed since it
+    failed counts as a new row too: its attempts start over. Runs do this before they claim.
+    """
+    records = store.failure_states_of(connection, job)
+    if not records:
+        return 0
+    live = [key for key, _, _, digest, pending in records if pending and digest is not None]
+    digests: dict[str, str] = {}
+    for start in range(0, len(live), 500):
+        digests.update(store.row_digests(connection, job, live[start : start + 500]))
+    stale = [
+        (key, attempts, last_failed_at)
+        for key, attempts, last_failed_at, digest, pending in records
+        if not pending or (digest is not None and digests.get(key) != digest)
+    ]
+    return store.forget_failures(connection, job.name, stale) if stale else 0
+
+
 def list_failures(
     registry: Registry,
     bind: Engine | Connection,
@@ -135,10 +159,20 @@ def list_failures(
     limit: int | None = None,
     offset: int = 0,
 ) -> list[FailureInfo]:
-    """Failing and dead rows, oldest failure first; one job's when ``job`` is given; with ``limit``,
-    that many after the first ``offset``. Reads only."""
+    """Failing and dead rows, oldest failure first, then by row key (as the key's type sorts:
+    row 61 before row 101); one job's when ``job`` is given; with ``limit``, that many after the
+    first ``offset``. Reads only.
+
+    A registered job's records count only for rows that exist and are its work (pending by its
+    flag and ``where=``); records of a job no longer registered are listed as they are.
+    """
     with _failures_of(registry, bind, job) as (store, connection, name):
-        return [
+        if name is not None:
+            records = _records(registry, store, connection, name, dead_only)
+        else:
+            records = [f for known in registry.jobs for f in _records(registry, store, connection, known, dead_only)]
+            records += [f for f in store.failures(connection, None, dead_only) if f.job not in registry.jobs]
+        found = [
             FailureInfo(
                 job=f.job,
                 row_key=f.row_key,
@@ -151,8 +185,31 @@ def list_failures(
                 error_type=f.error_type,
                 error_message=f.error_message,
             )
-            for f in store.failures(connection, name, dead_only, limit, offset)
+            for f in records
         ]
+    found.sort(key=lambda f: (f.job, f.first_failed_at, _key_order(registry, f.job, f.row_key)))
+    return found[offset:] if limit is None else found[offset : offset + limit]
+
+
+def _records(registry: Registry, store: Store, connection: Connection, name: str, dead_only: bool) -> list[Failure]:
+    flag_job = registry.jobs.get(name)
+    if flag_job is None:
+        return store.failures(connection, name, dead_only)
+    return store.job_failures(connection, flag_job, dead_only)
+
+
+def _key_order(registry: Registry, job: str, row_key: str) -> tuple[int, Any]:
+    """Sort key of a row key stored as text: the key's own value for a registered job whose key
+    reads back as its type, else the text (after typed keys, so that both never compare)."""
+    from batchjobs.registry import parse_key
+
+    flag_job = registry.jobs.get(job)
+    if flag_job is not None:
+        try:
+            return (0, parse_key(flag_job.primary_key, row_key))
+        except BatchJobsError:
+            pass
+    return (1, row_key)
 
 
 def show_failure(registry: Registry, bind: Engine | Connection, job: str, row_key: str) -> Failure:
@@ -182,6 +239,9 @@ def retry(
         raise BatchJobsError("choose exactly one selection: row keys, all dead rows, or every failing row")
     with _failures_of(registry, engine, job) as (store, connection, name):
         assert name is not None
+        if name in registry.jobs:
+            # Records of rows that are gone or done are no failing rows to retry (nor to count).
+            forget_stale_failures(store, connection, registry.jobs[name])
         keys = list(dict.fromkeys(row_keys))
         if keys:
             found = store.failing_keys(connection, name, keys)

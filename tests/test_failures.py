@@ -232,3 +232,15 @@ def test_operator_command_errors(failing: Engine, args: list[str], message: str)
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert _failure(failing, "process_item", "3") is not None  # nothing was half-done
+
+
+def test_failures_of_equal_times_sort_by_key_value_and_dead_says_dead(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    # One chunk fails rows 61 and 101 at the same instant: 61 comes first, not "101" < "61".
+    behaviour.poison = {61, 101, 7}
+    add_items(engine, 120)
+    run_pending(jobapp.jobs, engine, jobs=["process_item"], batch_size=200, clock=Clock(T0))
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(engine))
+    listed = run_cli("-A", "jobapp:jobs", "failures", "process_item", "--json", env=env)
+    assert [row["row_key"] for row in json.loads(listed.stdout)] == ["7", "61", "101"], listed.stderr
+    none_dead = run_cli("-A", "jobapp:jobs", "failures", "--dead", env=env)
+    assert (none_dead.returncode, none_dead.stdout) == (0, "no dead rows\n"), none_dead.stderr

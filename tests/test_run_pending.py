@@ -11,6 +11,7 @@ from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.orm import Session
 
 from batchjobs import JobContext, run_pending
+from batchjobs.errors import BatchJobsError
 from batchjobs.store.tables import Failure
 
 
@@ -249,11 +250,19 @@ def test_a_run_takes_one_connection_for_all_its_chunks(engine: Engine, behaviour
 
 def test_max_runtime_stops_the_run(engine: Engine, behaviour: jobapp.Behaviour) -> None:
     add_items(engine, 30)
-    behaviour.sleep = 0.05
-    summary = run_pending(jobapp.jobs, engine, jobs=["process_item"], max_runtime=0.2, batch_size=5)
+    behaviour.sleep = 0.1
+    summary = run_pending(jobapp.jobs, engine, jobs=["process_item"], max_runtime=1.0, batch_size=5)
     assert 0 < summary.done < 30
     assert summary.stopped_by == "max-runtime"
     assert sum(not done for done in processed(engine).values()) == 30 - summary.done
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.001, 0.5])
+def test_a_max_runtime_too_short_to_handle_a_row_is_refused(engine: Engine, seconds: float) -> None:
+    add_items(engine, 3)
+    with pytest.raises(BatchJobsError, match="too short to handle any row; use at least 1s"):
+        run_pending(jobapp.jobs, engine, jobs=["process_item"], max_runtime=seconds)
+    assert sum(not done for done in processed(engine).values()) == 3
 
 
 def test_failure_record_written_in_chunk(engine: Engine, behaviour: jobapp.Behaviour) -> None:

@@ -13,10 +13,14 @@ its name says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import operator
+import uuid
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -113,13 +117,17 @@ def _held_back(*, suspects: bool = True) -> ColumnElement[bool]:
     )
 
 
-def first_failure_values(job: FlagJob, failures: Sequence[RowFailure], now: datetime) -> list[dict[str, Any]]:
-    """The failure records of these rows as a first failure would write them (see Store.record_failures)."""
+def first_failure_values(
+    job: FlagJob, failures: Sequence[RowFailure], now: datetime, digests: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """The failure records of these rows as a first failure would write them (see Store.record_failures);
+    ``digests`` are the rows' (see :meth:`Store.row_digests`)."""
     first_is_last = job.max_attempts <= 1
     return [
         {
             "job": job.name,
             "row_key": failure.row_key,
+            "row_digest": (digests or {}).get(failure.row_key),
             "attempts": 1,
             "crashes": int(failure.crashed),
             "first_failed_at": now,
@@ -134,6 +142,32 @@ def first_failure_values(job: FlagJob, failures: Sequence[RowFailure], now: date
         }
         for failure in failures
     ]
+
+
+def pending_flag(job: FlagJob) -> ColumnElement[bool]:
+    """The job's flag says pending (its ``where=`` aside)."""
+    from batchjobs.registry import pending_condition
+
+    return pending_condition(job.flag)
+
+
+def row_digest(values: Sequence[Any]) -> str:
+    """A digest of a row's values, the same for the same values however they were read.
+
+    Times count as the instant they are (a driver may hand them back in the session's time
+    zone); values of types this does not know count by their type alone, since their text may
+    differ from one read to the next.
+    """
+    parts = []
+    for value in values:
+        if isinstance(value, datetime):
+            value = value.astimezone(timezone.utc).isoformat() if value.tzinfo else value.isoformat()
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, sort_keys=True, default=str)
+        elif not isinstance(value, (str, int, float, bool, Decimal, bytes, uuid.UUID, date, time, timedelta, type(None))):
+            value = type(value).__qualname__
+        parts.append(repr(value))
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 class Store:
@@ -151,6 +185,8 @@ class Store:
     #: Whether adding a column with a constant default, and then changing that default, touch
     #: no existing row (see :meth:`add_flag_column`).
     instant_column_defaults: ClassVar[bool] = False
+    #: Whether a DATETIME holds no time zone even when asked to: times are written as naive UTC.
+    naive_times: ClassVar[bool] = False
 
     def __init__(self, engine: Engine) -> None:
         #: The engine batchjobs works through: the app's own, or one derived from it (see adopt).
@@ -271,7 +307,7 @@ class Store:
         upsert = self.upsert(table)
         # The inserted values are those of a first failure; when a record exists already, the
         # update below counts on from it, and uses this wait for the attempt the claim saw.
-        values = first_failure_values(job, failures, now)
+        values = first_failure_values(job, failures, now, self.row_digests(connection, job, [f.row_key for f in failures]))
         # The counts come from the stored row, not from what the claim saw: attempts stay exact
         # even if another runner recorded an attempt in between.
         attempts = table.c.attempts + 1
@@ -290,6 +326,7 @@ class Store:
                 "error_type": upsert.excluded.error_type,  # type: ignore[attr-defined]
                 "error_message": upsert.excluded.error_message,  # type: ignore[attr-defined]
                 "traceback": upsert.excluded.traceback,  # type: ignore[attr-defined]
+                "row_digest": upsert.excluded.row_digest,  # type: ignore[attr-defined]
             },
         )
         connection.execute(stmt)
@@ -304,6 +341,78 @@ class Store:
             {KEYS: self.key_list(FAILURES.c.row_key, row_keys, bound)},
         )
         return int(getattr(result, "rowcount", 0) or 0)
+
+    def row_digests(self, connection: Connection | Session, job: FlagJob, row_keys: Sequence[str]) -> dict[str, str]:
+        """Row key -> digest of the row's contents (see :func:`row_digest`), for those of these
+        rows that exist. The job's own done columns are left out: only batchjobs changes them."""
+        if not row_keys:
+            return {}
+        pk = job.primary_key
+        done = {column.name for column in job.done_columns}
+        columns = [column for column in job.table.columns if column.name not in done]
+        stmt = select(row_key_sql(job), *columns).where(pk.in_([cast(literal(key, String()), pk.type) for key in row_keys]))
+        return {row[0]: row_digest(row[1:]) for row in connection.execute(stmt)}
+
+    def failing_jobs(self, connection: Connection) -> set[str]:
+        """Names of the jobs that have failure records."""
+        return set(connection.scalars(select(Failure.job).distinct()))
+
+    def failure_states_of(self, connection: Connection, job: FlagJob) -> list[tuple[str, int, datetime, str | None, bool]]:
+        """Every failure record of the job: (row key, attempts, last failed at, row digest, whether
+        its row exists and is pending by its flag)."""
+        pk = job.primary_key
+        row_is_pending = (
+            select(true())
+            .where(pk == cast(Failure.row_key, pk.type), pending_flag(job))
+            .correlate(FAILURES)
+            .exists()
+        )
+        stmt = select(Failure.row_key, Failure.attempts, Failure.last_failed_at, Failure.row_digest, row_is_pending).where(
+            Failure.job == job.name
+        )
+        return [(key, attempts, as_utc(at), digest, bool(live)) for key, attempts, at, digest, live in connection.execute(stmt)]
+
+    def forget_failures(self, connection: Connection, job_name: str, seen: Sequence[tuple[str, int, datetime]]) -> int:
+        """Delete these failure records, each only as it was seen (row key, attempts, last failed
+        at): a record another run has written since is kept."""
+        forgotten = 0
+        for row_key, attempts, last_failed_at in seen:
+            result = connection.execute(
+                delete(Failure).where(
+                    Failure.job == job_name,
+                    Failure.row_key == row_key,
+                    Failure.attempts == attempts,
+                    Failure.last_failed_at == last_failed_at,
+                )
+            )
+            forgotten += int(result.rowcount or 0)
+        return forgotten
+
+    def job_failure_counts(self, connection: Connection, job: FlagJob) -> tuple[int, int]:
+        """(rows failing and waiting to retry, dead rows) of the job, counting only rows that
+        exist and are its work: pending by its flag and its ``where=``."""
+        pk = job.primary_key
+        stmt = (
+            select(func.count(case((Failure.dead == false(), 1))), func.count(case((Failure.dead == true(), 1))))
+            .select_from(FAILURES)
+            .join(job.table, pk == cast(Failure.row_key, pk.type))
+            .where(Failure.job == job.name, job.pending())
+        )
+        backoff, dead = connection.execute(stmt).one()
+        return int(backoff), int(dead)
+
+    def job_failures(self, connection: Connection, job: FlagJob, dead_only: bool = False) -> list[Failure]:
+        """The job's failure records of rows that exist and are its work, detached."""
+        pk = job.primary_key
+        stmt = (
+            select(Failure)
+            .join(job.table, pk == cast(Failure.row_key, pk.type))
+            .where(Failure.job == job.name, job.pending())
+            .order_by(Failure.first_failed_at, Failure.row_key)
+        )
+        if dead_only:
+            stmt = stmt.where(Failure.dead.is_(True))
+        return self._detached(connection, stmt)
 
     # -- crash accounting ----------------------------------------------------------------------------
 
@@ -537,19 +646,34 @@ class Store:
         return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
     @classmethod
-    def add_flag_column(cls, op: Any, table: str, column: str, *, existing_done: bool) -> None:
-        """Add a NOT NULL Boolean flag, false (pending) for new rows, ``existing_done`` for old ones."""
+    def add_flag_column(
+        cls, op: Any, table: str, column: str, *, existing_done: bool, done_at: datetime | None = None, type_: Any = None
+    ) -> None:
+        """Add a flag, pending for new rows, ``existing_done`` for old ones: a NOT NULL Boolean
+        (false = pending), or with ``done_at`` a nullable ``type_`` (DateTime; NULL = pending),
+        where old rows that are done read ``done_at``."""
         import sqlalchemy as sa
 
+        done: Any
+        pending: Any
+        if done_at is None:
+            flag_type, done, pending = sa.Boolean(), sa.true(), sa.false()
+        else:
+            if cls.naive_times:
+                done_at = done_at.astimezone(timezone.utc).replace(tzinfo=None) if done_at.tzinfo else done_at
+            # A constant the server stores once, not an expression evaluated per row.
+            flag_type, done, pending = type_, sa.text(f"'{done_at.isoformat(sep=' ')}'"), None
+        nullable = done_at is not None
         if existing_done and cls.instant_column_defaults:
             # Existing rows take "done" from the default the column is added with, with no UPDATE
             # of every row, instantly on any table size; then new rows get "pending".
-            op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.true()))
-            op.alter_column(table, column, server_default=sa.false(), existing_type=sa.Boolean(), existing_nullable=False)
+            op.add_column(table, sa.Column(column, flag_type, nullable=nullable, server_default=done))
+            op.alter_column(table, column, server_default=pending, existing_type=flag_type, existing_nullable=nullable)
             return
-        op.add_column(table, sa.Column(column, sa.Boolean(), nullable=False, server_default=sa.false()))
+        op.add_column(table, sa.Column(column, flag_type, nullable=nullable, server_default=pending))
         if existing_done:
-            op.execute(sa.table(table, sa.column(column)).update().values({column: sa.true()}))
+            value = sa.true() if done_at is None else sa.literal(done_at, flag_type)
+            op.execute(sa.table(table, sa.column(column)).update().values({column: value}))
 
     @classmethod
     def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:

@@ -98,6 +98,7 @@ class MySQLStore(Store):
     schemes = ("mysql",)
     # Adding a column and changing a default are instant (MySQL 8.0.12+, MariaDB 10.3+).
     instant_column_defaults = True
+    naive_times = True
     # Pure Python, so it installs anywhere; mysqlclient works too, named in the URL (mysql+mysqldb://).
     default_driver = "pymysql"
     extra = "mysql"
@@ -257,7 +258,8 @@ class MySQLStore(Store):
         from sqlalchemy.dialects import mysql
 
         table = FAILURES
-        stmt = mysql.insert(table).values(first_failure_values(job, failures, now))
+        digests = self.row_digests(connection, job, [failure.row_key for failure in failures])
+        stmt = mysql.insert(table).values(first_failure_values(job, failures, now, digests))
         new = stmt.inserted
         # As in Store.record_failures: the counts come from the stored row.
         attempts = table.c.attempts + 1
@@ -276,6 +278,7 @@ class MySQLStore(Store):
                 ("error_type", new.error_type),
                 ("error_message", new.error_message),
                 ("traceback", new.traceback),
+                ("row_digest", new.row_digest),
             ]
         )
         connection.execute(stmt)

@@ -16,7 +16,7 @@ from sqlalchemy.types import TypeEngine
 from batchjobs.timeutil import as_utc
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 
@@ -96,6 +96,9 @@ class Failure(Base):
     #: Of ``attempts``, how many ended the process (or the transaction) while the handler ran.
     #: A row with crashes is a suspect: it runs in a chunk of its own.
     crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: A digest of the row's contents when it failed (see batchjobs.failures.row_digest): the record
+    #: applies to that row only, not to a new row that reuses its key. NULL in older records.
+    row_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BackfillState(Base):

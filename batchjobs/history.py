@@ -410,8 +410,12 @@ class RunRecorder:
         answers within a beat's bound (else the next run on this host records it as failed)."""
         self._stopped.set()
         now = self.clock()
-        values = {"heartbeat_at": now, "finished_at": now, "outcome": "interrupted", **_progress(self.summary)}
-        _Write(lambda: self._save(**values)).wait(min(self.beat_timeout, 1.0))
+        values: dict[str, object] = {"heartbeat_at": now, "finished_at": now, "outcome": "interrupted", **_progress(self.summary)}
+
+        def save() -> None:
+            self._save(values)
+
+        _Write(save).wait(min(self.beat_timeout, 1.0))
 
     def _unrecorded(self, error: BaseException) -> str:
         return (

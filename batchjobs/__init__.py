@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     from batchjobs.db import create_engine
     from batchjobs.errors import BatchJobsError, SchemaOutOfDate
     from batchjobs.failures import Backoff, FailureInfo, list_failures, retry, show_failure
-    from batchjobs.migrate import migrate
     from batchjobs.monitoring import JobInfo, RunInfo, Status, last_run, list_jobs, status
     from batchjobs.registry import Backfill, BackfillContext, FlagJob, JobContext, Registry, flag_column, pending_index
     from batchjobs.runner import run_pending
+    from batchjobs.schema import migrate
     from batchjobs.signals import StopRequest
     from batchjobs.summary import JobStats, RunSummary
     from batchjobs.timeouts import JobTimeout
@@ -64,7 +64,7 @@ _WHERE = {
     "list_backfills": "batchjobs.backfill",
     "list_failures": "batchjobs.failures",
     "list_jobs": "batchjobs.monitoring",
-    "migrate": "batchjobs.migrate",
+    "migrate": "batchjobs.schema",
     "pending_index": "batchjobs.registry",
     "preview_change": "batchjobs.admin",
     "retry": "batchjobs.failures",

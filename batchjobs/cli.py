@@ -427,7 +427,7 @@ def jobs_command(state: _State, as_json: bool) -> None:
 @click.pass_obj
 def migrate_command(state: _State) -> None:
     """Create or upgrade batchjobs' own tables (its own alembic history; your tables are untouched)."""
-    from batchjobs.migrate import migrate
+    from batchjobs.schema import migrate
 
     before, after = migrate(state.engine())
     if before == after:

@@ -10,8 +10,8 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from batchjobs.db import create_engine, mask_url
-from batchjobs.migrate import migrate
 from batchjobs.runner import run_pending
+from batchjobs.schema import migrate
 from batchjobs.summary import RunSummary
 
 DEFAULT_DATABASE_URL = "sqlite:///batchjobs-demo.sqlite3"

@@ -239,9 +239,6 @@ def retry(
         raise BatchJobsError("choose exactly one selection: row keys, all dead rows, or every failing row")
     with _failures_of(registry, engine, job) as (store, connection, name):
         assert name is not None
-        if name in registry.jobs:
-            # Records of rows that are gone or done are no failing rows to retry (nor to count).
-            forget_stale_failures(store, connection, registry.jobs[name])
         keys = list(dict.fromkeys(row_keys))
         if keys:
             found = store.failing_keys(connection, name, keys)
@@ -250,6 +247,11 @@ def retry(
                 raise BatchJobsError(
                     f"job {name!r} has no failure recorded for row(s) {', '.join(missing)}; nothing retried"
                 )
+        if name in registry.jobs:
+            # Records of rows that are gone or done are no failing rows to retry (nor to count);
+            # a row changed since it failed (fixed, say) is tried afresh already.
+            forget_stale_failures(store, connection, registry.jobs[name])
         cleared = store.delete_failures(connection, name, keys, dead_only=all_dead)
         connection.commit()
-    return cleared
+    # Rows named one by one had a record each: whether forgotten above or deleted here, it is cleared.
+    return len(keys) if keys else cleared

@@ -64,7 +64,11 @@ def setup(url: str) -> None:
     import benchapp
 
     from batchjobs.db import create_engine
-    from batchjobs.migrate import migrate
+
+    try:
+        from batchjobs.schema import migrate
+    except ImportError:  # a revision from before the module's rename
+        from batchjobs.migrate import migrate  # type: ignore[no-redef]
 
     engine = create_engine(url)
     try:

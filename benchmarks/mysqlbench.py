@@ -13,7 +13,7 @@ from pymysql.constants import CLIENT
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine, parse_url
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 
 TABLE = benchapp.Row.__tablename__
 BATCH = benchapp.BATCH_SIZE

@@ -15,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine, parse_url
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, MetaData, Table, insert, text
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.postgresql import PostgreSQLStore
 from batchjobs.worker import trigger_sql
 

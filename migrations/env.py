@@ -1,6 +1,6 @@
 """Alembic environment for batchjobs' own tables.
 
-batchjobs runs these through `batchjobs migrate` (see batchjobs/migrate.py), which hands over an
+batchjobs runs these through `batchjobs migrate` (see batchjobs/schema.py), which hands over an
 open connection. The version table is batchjobs' own, so this history never mixes with the app's.
 """
 

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, event, text
 from sqlalchemy.engine import make_url
 
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.base import AFTER, ROW_KEY
 
 TESTS = Path(__file__).parent

@@ -89,7 +89,7 @@ def test_autogenerate_leaves_batchjobs_tables_alone(db_url: str) -> None:
     from alembic.migration import MigrationContext
 
     from batchjobs.alembic import include_name, include_object
-    from batchjobs.migrate import migrate
+    from batchjobs.schema import migrate
 
     engine = create_engine(db_url)
     jobapp.Base.metadata.create_all(engine)

@@ -12,7 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from batchjobs import BatchJobsError, JobContext, Registry, flag_column, pending_index, run_pending
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.tables import Failure
 
 

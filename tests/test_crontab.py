@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from batchjobs import BatchJobsError, Registry
 from batchjobs.crontab import render_schedule
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 
 APP = "jobapp:jobs"
 WELCOME = "batchjobs.examples.welcome.app:jobs"

@@ -21,7 +21,7 @@ from test_run_pending import add_items, processed
 
 from batchjobs import BatchJobsError, Registry, flag_column, run_pending
 from batchjobs.failures import retry
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.tables import Failure
 from batchjobs.timeutil import parse_duration
 

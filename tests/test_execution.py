@@ -23,7 +23,7 @@ from test_run_pending import add_items, processed
 
 from batchjobs import Registry, flag_column, run_pending
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.tables import Failure
 
 

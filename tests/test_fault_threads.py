@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from test_run_pending import add_items
 
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.tables import RunRecord
 
 #: A fast heartbeat, so that outages and recoveries show within a test's patience.

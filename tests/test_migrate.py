@@ -6,7 +6,7 @@ from conftest import cli_env, run_cli
 from sqlalchemy import inspect, text
 
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store.tables import SCHEMA_REVISION, VERSION_TABLE, metadata
 
 
@@ -53,3 +53,12 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
         diff = [d for d in compare_metadata(context, metadata) if not (d[0] == "remove_table")]
     engine.dispose()
     assert diff == []
+
+
+def test_the_public_migrate_is_the_function_once_its_module_is_imported() -> None:
+    # conftest imported batchjobs.schema already; a module of the same name as the function
+    # would have taken the function's place in the package.
+    import batchjobs.schema  # noqa: F401
+    from batchjobs import migrate as public
+
+    assert callable(public) and public is migrate

@@ -25,8 +25,8 @@ from test_run_pending import add_items, processed
 from batchjobs import BatchJobsError, Registry, run_pending
 from batchjobs.admin import Selection, change_rows
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
 from batchjobs.monitoring import status
+from batchjobs.schema import migrate
 from batchjobs.store import store_for
 from batchjobs.store.mysql import check_server, server_refusal
 from batchjobs.store.tables import Failure, RunRecord

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, func, select, text
 from batchjobs import run_pending
 from batchjobs.db import create_engine
 from batchjobs.history import RunRecorder
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 from batchjobs.store import store_for
 from batchjobs.store.tables import BACKLOG, FAILURES, RUNS
 from batchjobs.summary import JobStats, RunSummary

@@ -19,7 +19,7 @@ import webdata
 from sqlalchemy import Engine
 
 from batchjobs.db import create_engine
-from batchjobs.migrate import migrate
+from batchjobs.schema import migrate
 
 pytest.importorskip("werkzeug", reason="the web page needs Werkzeug: pip install 'batchjobs[web]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="no Playwright for Python: pip install playwright")

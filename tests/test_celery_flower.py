@@ -23,13 +23,13 @@ from sqlalchemy import Engine, insert
 pytest.importorskip("celery", reason="Celery is not installed: pip install 'batchjobs[celery]'")
 pytest.importorskip("flower", reason="Flower is not installed: pip install flower")
 
-from test_celery import Cluster, _cluster, _free_port, redis_url  # noqa: E402,F401 - needs Celery; the fixture is used
+from test_celery import ITEMS, Cluster, _cluster, _free_port, redis_url  # noqa: E402,F401 - needs Celery; the fixture is used
 
 
 def _get(port: int, path: str) -> Any:
     """Flower's JSON answer, or None while it is not answering yet."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
@@ -75,7 +75,7 @@ def flower_cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterato
                     "flower",
                     f"--port={port}",
                     "--address=127.0.0.1",
-                    "--inspect_timeout=5000",
+                    "--inspect_timeout=3000",
                 ],
                 env=cluster.env(FLOWER_UNAUTHENTICATED_API="true"),
                 stdout=out,
@@ -107,32 +107,40 @@ def flower_cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterato
             _end(flower)
 
 
-def test_flower_shows_the_task_names_and_a_sweeps_result(flower_cluster: tuple[Cluster, int]) -> None:
+def _shown(port: int, task_id: str) -> dict[str, Any]:
+    """Flower's record of a task once it shows as SUCCESS (task events arrive asynchronously)."""
+
+    def info() -> dict[str, Any]:
+        return _get(port, f"/api/task/info/{task_id}") or {}
+
+    wait_for(lambda: info().get("state") == "SUCCESS", f"Flower to show task {task_id} as SUCCESS", timeout=15)
+    return info()
+
+
+def test_flower_shows_the_task_names_and_their_results(flower_cluster: tuple[Cluster, int]) -> None:
     cluster, port = flower_cluster
+    hostname = f"w0-{cluster.prefix}@flower"
     with cluster.engine.begin() as connection:
-        connection.execute(insert(jobapp.Item), [{"id": i} for i in range(1, 4)])
-    sent = cluster.jobs.sweep.apply_async(kwargs={"queue": "items"})
-    assert sent.get(timeout=30)["done"] == 3
+        connection.execute(insert(jobapp.Item), [{"id": i} for i in range(1, 5)])
+    sweep = cluster.jobs.sweep.apply_async(kwargs={"queue": "items"})
+    assert sweep.get(timeout=30)["done"] == 4
+    run_rows = cluster.jobs.run_rows.apply_async(kwargs={"job": ITEMS, "keys": [4]})
+    assert run_rows.get(timeout=30)["done"] == 0  # row 4 was the sweep's: a hint for a done row
 
-    def task() -> dict[str, Any]:
-        return _get(port, f"/api/task/info/{sent.id}") or {}
-
-    wait_for(lambda: task().get("state") == "SUCCESS", "Flower to show the sweep as SUCCESS", timeout=15)
-    info = task()
-    assert info["name"] == "batchjobs.sweep"
-    assert info["kwargs"] == "{'queue': 'items'}"
-    assert info["worker"] == f"w0-{cluster.prefix}@flower"
-    # The sweep's summary, as the repr of the dict the task returned.
+    info = _shown(port, sweep.id)
+    assert (info["name"], info["kwargs"], info["worker"]) == ("batchjobs.sweep", "{'queue': 'items'}", hostname)
+    # The task's returned summary, as its repr.
     result = ast.literal_eval(info["result"])
-    assert result["done"] == 3 and result["failed"] == 0
-    assert result["jobs"] == {"process_item": {"done": 3, "failed": 0}}
+    assert (result["done"], result["failed"]) == (4, 0)
+    assert result["jobs"] == {ITEMS: {"done": 4, "failed": 0}}
 
-    listed = _get(port, "/api/tasks?taskname=batchjobs.sweep&state=SUCCESS")
-    assert sent.id in listed
-    assert "batchjobs.sweep" in _get(port, "/api/task/types")["task-types"]
+    info = _shown(port, run_rows.id)
+    assert (info["name"], info["kwargs"]) == ("batchjobs.run_rows", f"{{'job': '{ITEMS}', 'keys': [4]}}")
+    assert ast.literal_eval(info["result"])["done"] == 0
+
+    assert sweep.id in _get(port, "/api/tasks?taskname=batchjobs.sweep&state=SUCCESS")
+    assert {"batchjobs.sweep", "batchjobs.run_rows"} <= set(_get(port, "/api/task/types")["task-types"])
     # Registered tasks come from the worker itself: Flower asks it with `inspect`, whose replies
     # can miss Flower's timeout on a busy machine, so ask again until they arrive.
-    hostname = f"w0-{cluster.prefix}@flower"
     wait_for(lambda: hostname in (_get(port, "/api/workers?refresh=1") or {}), "Flower to inspect the worker", timeout=20)
-    registered = _get(port, "/api/workers")[hostname]["registered"]
-    assert {"batchjobs.sweep", "batchjobs.run_rows"} <= set(registered)
+    assert {"batchjobs.sweep", "batchjobs.run_rows"} <= set(_get(port, "/api/workers")[hostname]["registered"])

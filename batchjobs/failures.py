@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -126,7 +126,9 @@ def _failures_of(
         yield store, connection, name
 
 
-def forget_stale_failures(store: Store, connection: Connection, job: FlagJob) -> int:
+def forget_stale_failures(
+    store: Store, connection: Connection, job: FlagJob, first_read: Callable[[], AbstractContextManager[object]] = nullcontext
+) -> int:
     """Delete the job's failure records that no longer belong to a row: their row is gone, done,
     or another row now holds its key (its contents differ from the failed row's). Returns how many.
 
@@ -135,7 +137,10 @@ def forget_stale_failures(store: Store, connection: Connection, job: FlagJob) ->
     SQLite reusing a rowid) would inherit its backoff or death. A row the app changed since it
     failed counts as a new row too: its attempts start over. Runs do this before they claim.
     """
-    records = store.failure_states_of(connection, job)
+    # The first statement that reads the job's table is the one that may wait for it (a
+    # migration holding it); ``first_read`` bounds that wait. The transaction holds the table after.
+    with first_read():
+        records = store.failure_states_of(connection, job)
     if not records:
         return 0
     live = [key for key, _, _, digest, pending in records if pending and digest is not None]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -296,12 +297,27 @@ class _Run:
         failing, self.failing = self.failing, None
         if failing is not None and not any(job.name in failing for job in jobs):
             return
-        with self.connection.begin():
-            if failing is None:
+        if failing is None:
+            with self.connection.begin():
                 failing = self.store.failing_jobs(self.connection)
-            for job in jobs:
-                if job.name in failing:
-                    forget_stale_failures(self.store, self.connection, job)
+        for job in jobs:
+            if job.name not in failing:
+                continue
+            # It reads the job's table: bounded as a claim is, so a migration holding the table
+            # costs this check (done again by the next run), not the run.
+            wait = self.claim_wait()
+            try:
+                with self.connection.begin():
+                    forget_stale_failures(self.store, self.connection, job, partial(self.watchdog.limit, wait))
+            except DBAPIError:
+                if not self.watchdog.fired:
+                    raise
+                logger.warning(
+                    "job %s: its table stayed locked for %s (a migration?); its failure records are checked next time",
+                    job.name,
+                    format_duration(wait),
+                    extra={"job": job.name, "outcome": "skipped"},
+                )
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:

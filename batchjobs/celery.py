@@ -36,6 +36,7 @@ from batchjobs.db import create_engine, resolve_database_url
 from batchjobs.errors import BatchJobsError
 from batchjobs.registry import FlagJob, Registry
 from batchjobs.runner import run_pending, run_rows
+from batchjobs.timeutil import MIN_RUNTIME, check_max_runtime
 
 logger = logging.getLogger("batchjobs")
 
@@ -68,16 +69,17 @@ def install(
     or one engine per worker process on ``database_url``, $BATCHJOBS_DATABASE_URL, $DATABASE_URL
     or the registry's URL. Beat sweeps each of ``queues`` (default: every queue of the registry)
     every ``sweep_every`` seconds (None: no beat entries), each sweep stopping to take rows after
-    ``sweep_budget`` seconds (default: nine tenths of ``sweep_every``), so that sweeps do not
-    pile up. Task names start with ``prefix``: ``batchjobs.sweep`` and ``batchjobs.run_rows``.
+    ``sweep_budget`` seconds (default: nine tenths of ``sweep_every``, at least 1), so that
+    sweeps do not pile up. Task names start with ``prefix``: ``batchjobs.sweep`` and ``batchjobs.run_rows``.
     Each task goes to the Celery queue named ``queue_prefix`` + its batchjobs queue (several apps
     on one broker keep apart with a prefix each).
     """
     if sweep_every is not None and sweep_every <= 0:
         raise BatchJobsError("the sweep interval must be more than 0 seconds, e.g. 60")
-    budget = sweep_budget if sweep_budget is not None else (sweep_every or SWEEP_EVERY) * 0.9
-    if budget <= 0:
-        raise BatchJobsError("the sweep budget must be more than 0 seconds")
+    # A run needs a second at least (see check_max_runtime): a schedule shorter than that lets
+    # sweeps overlap a little, which SKIP LOCKED makes safe.
+    budget = sweep_budget if sweep_budget is not None else max((sweep_every or SWEEP_EVERY) * 0.9, MIN_RUNTIME)
+    check_max_runtime(budget, "sweep_budget")
     swept = list(queues) or registry.queues
     registry.select(queues=swept)  # an unknown queue is one clear error, now rather than in beat
     engines = _Engines(registry, engine, database_url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -48,14 +49,22 @@ welcome(User(), "not a context")
 '''
 
 
+def _mypy_env() -> dict[str, str]:
+    """mypy finds an installed batchjobs by itself; an editable install it finds through
+    MYPYPATH only (it does not follow the import hook), and site-packages may not be there."""
+    root = Path(batchjobs.__file__).resolve().parents[1]
+    if root in {Path(path).resolve() for path in site.getsitepackages()}:
+        return dict(os.environ)
+    return {**os.environ, "MYPYPATH": str(root)}
+
+
 def test_decorated_handlers_keep_their_signature(tmp_path: Path) -> None:
     pytest.importorskip("mypy", reason="mypy is not installed (pip install '.[test]')")
     (tmp_path / "app.py").write_text(APP)
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), "app.py"],
         cwd=tmp_path,
-        # Where batchjobs is, for an editable install too (whose import hook mypy does not follow).
-        env={**os.environ, "MYPYPATH": str(Path(batchjobs.__file__).parents[1])},
+        env=_mypy_env(),
         capture_output=True,
         text=True,
         timeout=600,

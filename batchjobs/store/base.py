@@ -279,6 +279,11 @@ class Store:
         """Make a SELECT of pending rows take them for this transaction only."""
         return stmt
 
+    def key_from_text(self, key: ColumnElement[Any], text_key: ColumnElement[str]) -> ColumnElement[Any]:
+        """A row key stored as text (a failure record's) as a value of the key's type, to look its
+        row up by the primary key; NULL, not an error, where the text is no such value."""
+        return cast(text_key, key.type)
+
     def key_in(self, column: ColumnElement[Any]) -> ColumnElement[bool]:
         """``column IN (...)`` for a chunk's worth of keys, bound as ``{KEYS: key_list(...)}``."""
         return column.in_(bindparam(KEYS, expanding=True))
@@ -363,7 +368,7 @@ class Store:
         pk = job.primary_key
         row_is_pending = (
             select(true())
-            .where(pk == cast(Failure.row_key, pk.type), pending_flag(job))
+            .where(pk == self.key_from_text(pk, FAILURES.c.row_key), pending_flag(job))
             .correlate(FAILURES)
             .exists()
         )
@@ -395,7 +400,7 @@ class Store:
         stmt = (
             select(func.count(case((Failure.dead == false(), 1))), func.count(case((Failure.dead == true(), 1))))
             .select_from(FAILURES)
-            .join(job.table, pk == cast(Failure.row_key, pk.type))
+            .join(job.table, pk == self.key_from_text(pk, FAILURES.c.row_key))
             .where(Failure.job == job.name, job.pending())
         )
         backoff, dead = connection.execute(stmt).one()
@@ -406,7 +411,7 @@ class Store:
         pk = job.primary_key
         stmt = (
             select(Failure)
-            .join(job.table, pk == cast(Failure.row_key, pk.type))
+            .join(job.table, pk == self.key_from_text(pk, FAILURES.c.row_key))
             .where(Failure.job == job.name, job.pending())
             .order_by(Failure.first_failed_at, Failure.row_key)
         )
@@ -789,7 +794,8 @@ class ChunkStatements:
         """
         job = self.job
         loaded: list[Any] = list(job.columns) if job.columns else [job.model]
-        of_this_row = and_(Failure.job == job.name, job.primary_key == cast(Failure.row_key, job.primary_key.type))
+        key = self.store.key_from_text(job.primary_key, FAILURES.c.row_key)
+        of_this_row = and_(Failure.job == job.name, job.primary_key == key)
         stmt = (
             select(*loaded, row_key_sql(job).label(ROW_KEY))
             .join_from(job.table, Failure, of_this_row)

@@ -10,23 +10,28 @@ import json
 import os
 import socket
 import struct
+import uuid
 from collections.abc import Iterable, Sequence
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Select,
     String,
     Table,
     any_,
     bindparam,
+    case,
     cast,
     event,
     func,
+    null,
     select,
     text,
 )
@@ -37,6 +42,14 @@ from sqlalchemy.sql.dml import Insert
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.store.base import KEYS, Listener, Store
+
+
+def _python_type(type_: Any) -> type | None:
+    try:
+        return type_.python_type  # type: ignore[no-any-return]
+    except NotImplementedError:
+        return None
+
 
 #: The channel batchjobs' triggers notify and workers LISTEN on; the payload is the table's name.
 CHANNEL = "batchjobs"
@@ -177,6 +190,21 @@ class PostgreSQLStore(Store):
         elements = func.json_array_elements_text(cast(bindparam(KEYS, type_=String()), JSON))
         keys = select(cast(elements.table_valued("value").c.value, column.type)).scalar_subquery()
         return column == any_(func.array(keys))
+
+    def key_from_text(self, key: ColumnElement[Any], text_key: ColumnElement[str]) -> ColumnElement[Any]:
+        # PostgreSQL's casts raise on text that is no such value (MySQL's and SQLite's do not): a
+        # record whose key cannot be the job's (written by hand, or before the key's type
+        # changed) would fail every statement that looks its row up. Whole numbers short enough
+        # for their type and UUIDs are checked first; other types keep the cast.
+        python_type = _python_type(key.type)
+        if python_type is int:
+            digits = 9 if isinstance(key.type, Integer) and not isinstance(key.type, BigInteger) else 18
+            pattern = f"^[+-]?[0-9]{{1,{digits}}}$"
+        elif python_type is uuid.UUID:
+            pattern = "^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$"
+        else:
+            return cast(text_key, key.type)
+        return case((text_key.regexp_match(pattern), cast(text_key, key.type)), else_=null())
 
     def key_list(self, column: ColumnElement[Any], keys: Iterable[Any], bound: SQLADialect) -> Any:
         # The column type's own conversion first, as for any parameter: a UUID stored as 32 hex

@@ -161,17 +161,24 @@ def test_a_lost_connection_is_one_line_and_the_worker_carries_on(pg_engine: Engi
     try:
         wait_for(lambda: "worker" in run_cli("-A", "jobapp:jobs", "status", env=env).stdout, "the worker to start", worker)
         add_items(pg_engine, 1)
-        wait_for(lambda: effects(effects_file) == [1], "row 1", worker, timeout=5)
+        # Handled and committed: the handler's effect alone comes before its chunk's COMMIT.
+        wait_for(lambda: processed(pg_engine) == {1: True}, "row 1", worker, timeout=5)
         # The LISTEN connection is the one that ran LISTEN; the working one is idle otherwise.
         which = "query LIKE 'LISTEN%'" if lost == "listener" else "query NOT LIKE 'LISTEN%' AND application_name = ''"
-        with pg_engine.connect() as conn:
-            ended = conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                    f"AND pid <> pg_backend_pid() AND state = 'idle' AND {which}"
-                )
-            ).scalars().all()
-        assert ended and all(ended)
+
+        def terminated() -> bool:
+            with pg_engine.connect() as conn:
+                ended = conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                        f"AND pid <> pg_backend_pid() AND state = 'idle' AND {which}"
+                    )
+                ).scalars().all()
+            return bool(ended) and all(ended)
+
+        # Idle between the worker's statements: asked until one of its connections is caught so.
+        wait_for(terminated, f"the {lost}'s connection to be ended", worker, timeout=10)
+        assert effects(effects_file) == [1]
         add_items(pg_engine, 2, start=2)
         # Picked up again: after the reconnect the worker drains once, then listens as before.
         wait_for(lambda: sorted(effects(effects_file)) == [1, 2, 3], "rows 2 and 3", worker, timeout=30)

@@ -211,8 +211,8 @@ class RunRecorder:
         self._heart: threading.Thread | None = None
         self._in_flight: _Write | None = None
         self._failing = False
-        #: Set by a worker while it waits for rows: it then beats every IDLE_BEAT_EVERY only.
-        self.waiting = False
+        #: Set for a worker: it beats when its counts moved, otherwise every IDLE_BEAT_EVERY only.
+        self.quiet_when_idle = False
         #: The counts the last saved beat wrote, and when it was taken.
         self._beaten: dict[str, object] = {}
         self._beaten_at: datetime | None = None
@@ -271,10 +271,10 @@ class RunRecorder:
         try:
             # A writing transaction from its start (SQLite: BEGIN IMMEDIATE), so that it waits its
             # turn behind a chunk rather than failing to upgrade from reading to writing.
-            with self.store.claiming().connect() as connection:
+            with self.store.claiming_connection() as connection:
                 # As for claims: a count still waiting for its table after the limit is cancelled,
                 # whatever lock it waits for (MySQL's metadata locks know no lock timeout).
-                watchdog = Watchdog(self.store, connection.connection.dbapi_connection, StatementCounter(connection))
+                watchdog = Watchdog(self.store, connection.connection.dbapi_connection, StatementCounter(connection, self.store))
                 try:
                     with connection.begin():
                         jobs = self._due_samples(connection, now) if due is None else due
@@ -332,10 +332,11 @@ class RunRecorder:
                 self._failing = True
 
     def _moved(self) -> bool:
-        """Whether a beat is due: always while the run works (a slow handler included), and for a
-        worker waiting for rows only once its counts moved or its last beat is getting old, so
-        that an idle worker writes twice a minute instead of every few seconds."""
-        if not self.waiting or self._beaten_at is None or _progress(self.summary) != self._beaten:
+        """Whether a beat is due: always for a run, and for a worker once its counts moved or its
+        last beat is getting old, so that an idle worker writes twice a minute instead of every
+        few seconds. Its polls of empty tables are no progress; nor is a handler that takes long,
+        which the twice-a-minute beat keeps among the living all the same."""
+        if not self.quiet_when_idle or self._beaten_at is None or _progress(self.summary) != self._beaten:
             return True
         return self.clock() - self._beaten_at >= max(IDLE_BEAT_EVERY, timedelta(seconds=self.heartbeat_every))
 

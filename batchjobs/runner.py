@@ -147,7 +147,7 @@ def running(
     account_abandoned(store, registry, clock())
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
-    with store.claiming().connect() as connection:
+    with store.claiming_connection() as connection:
         run = _Run(
             registry=registry,
             store=store,
@@ -213,7 +213,7 @@ class _Run:
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
-        self.executed = StatementCounter(self.connection)
+        self.executed = StatementCounter(self.connection, self.store)
         self.watchdog = Watchdog(self.store, self.connection.connection.dbapi_connection, self.executed)
         with self.connection.begin():
             self.limits = self.store.transaction_limits(self.connection)
@@ -388,14 +388,14 @@ class _Run:
             wait = self.claim_wait()
             try:
                 with self.watchdog.limit(wait):
-                    claimed = statements.claim_rows(
+                    claimed, states = statements.claim_rows(
                         connection, session, now, self.run_started, after, suspect=suspects, keys=keys
                     )
                     if not claimed and after is not None:
                         # The walk reached the end. One claim from the start picks up rows it passed
                         # by: locked by another run then, requeued since, or inserted with a lower key.
                         del self.after[job.name]
-                        claimed = statements.claim_rows(connection, session, now, self.run_started)
+                        claimed, states = statements.claim_rows(connection, session, now, self.run_started)
             except DBAPIError:
                 if not self.watchdog.fired:
                     raise
@@ -410,7 +410,6 @@ class _Run:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.
             pks = {row_key: getattr(row, statements.pk_attr) for row, row_key in claimed}
-            states = statements.failure_states(connection, list(pks), now, self.run_started, suspect=suspects)
             attempts = {row_key: count for row_key, (count, _) in states.items()}
             held_back = {row_key for row_key, (_, held) in states.items() if held}
             # Rows held back here stay pending; the commit releases them.
@@ -463,7 +462,7 @@ class _Run:
         elif len(claimed) < limit:
             self.after.pop(job.name, None)
         else:
-            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached], self.store.walk_order(job.primary_key))
+            self.after[job.name] = advance(self.after.get(job.name), pks[last_reached], statements.walk_order)
         # Reported after the commit, so a hook never announces a failure that was not recorded.
         for failure in failures:
             self._report(job, failure)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction
@@ -11,6 +12,8 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.registry import FlagJob, JobContext
 from batchjobs.store import Store
 from batchjobs.timeouts import JobTimeout, TimeLimit
+
+Instance = TypeVar("Instance")
 
 
 class ChunkSession(Session):
@@ -21,6 +24,26 @@ class ChunkSession(Session):
     """
 
     in_handler = False
+    #: Set when objects are added, merged or deleted: with the identity map's own flag for
+    #: changed attributes, what tells that a handler left something to flush. Cheaper than
+    #: asking ``session.new`` and ``session.deleted``, which build a set on every call.
+    changed = False
+
+    def add(self, instance: object, *args: Any, **kwargs: Any) -> None:
+        self.changed = True
+        super().add(instance, *args, **kwargs)
+
+    def add_all(self, instances: Iterable[object]) -> None:
+        self.changed = True
+        super().add_all(instances)
+
+    def merge(self, instance: Instance, *args: Any, **kwargs: Any) -> Instance:
+        self.changed = True
+        return super().merge(instance, *args, **kwargs)
+
+    def delete(self, instance: object) -> None:
+        self.changed = True
+        super().delete(instance)
 
     def _refuse(self, what: str) -> None:
         if self.in_handler:
@@ -41,14 +64,29 @@ class ChunkSession(Session):
 
 class StatementCounter:
     """Watches the statements on one connection: how many were sent (to tell whether a handler
-    used the database), and whether one is waiting for the server right now (to cancel it)."""
+    used the database), and whether one is waiting for the server right now (to cancel it).
 
-    def __init__(self, connection: Connection) -> None:
+    Listening costs every statement on the connection SQLAlchemy's event dispatch, so it starts
+    only once it is needed: at once where the store cannot tell by itself whether a statement is
+    in flight (see :attr:`Store.sees_statement_in_flight`), else when a handler with a session
+    first runs.
+    """
+
+    def __init__(self, connection: Connection, store: Store) -> None:
+        self.connection = connection
         self.count = 0
         #: Set while a statement is with the driver; an error leaves it set until the next one.
         self.in_flight = False
-        event.listen(connection, "before_cursor_execute", self._sent)
-        event.listen(connection, "after_cursor_execute", self._answered)
+        self.watching = False
+        if not store.sees_statement_in_flight:
+            self.watch()
+
+    def watch(self) -> None:
+        """Count from now on (once started, it stays)."""
+        if not self.watching:
+            self.watching = True
+            event.listen(self.connection, "before_cursor_execute", self._sent)
+            event.listen(self.connection, "after_cursor_execute", self._answered)
 
     def _sent(self, *_args: Any) -> None:
         self.count += 1
@@ -79,6 +117,8 @@ class HandlerCalls:
         self.session = session
         self.dbapi_connection = connection.connection.dbapi_connection
         self.statements = statements
+        if session is not None:
+            statements.watch()  # whether a handler used the database decides on its savepoint
         self.savepoint: SessionTransaction | None = None
 
     def call(self, rows: Any, ctx: JobContext | None) -> BaseException | None:
@@ -91,7 +131,7 @@ class HandlerCalls:
         self.statements.in_flight = False  # between handlers, nothing is with the driver
         try:
             if session is not None:
-                session.in_handler = True
+                session.in_handler, session.changed = True, False
             try:
                 if limit is None:
                     job.call(rows, ctx)
@@ -107,10 +147,7 @@ class HandlerCalls:
             # own flag for objects with changed attributes: unlike session.dirty it does not
             # compare every modified object's history, and a no-op change only costs a flush.
             if session is not None and (
-                self.statements.count != executed
-                or session.identity_map.check_modified()
-                or session.new
-                or session.deleted
+                self.statements.count != executed or session.identity_map.check_modified() or session.changed
             ):
                 session.flush()
                 if self.store.in_failed_transaction(self.dbapi_connection):

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from batchjobs.db import ensure_schema, first_line
 from batchjobs.errors import BatchJobsError
-from batchjobs.history import RunRecorder, record_run
+from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, Registry
 from batchjobs.runner import running
 from batchjobs.signals import StopRequest
@@ -98,7 +98,8 @@ def run_worker(
     with record_run(
         store, summary, queues, clock, keep_for=registry.keep_history, record=record, kind="worker", backlog=selected
     ) as recorder:
-        worker.recorder = recorder
+        if recorder is not None:
+            recorder.quiet_when_idle = True
         worker.run()
         summary.seconds = time.monotonic() - started
         summary.stopped_by = worker.stop.reason
@@ -127,8 +128,6 @@ class _Worker:
     #: Set while the database is away: one line when it goes, one when it is back.
     down: bool = False
     backoff: float = 1.0
-    #: The worker's run history entry, told when the worker waits (it then beats less often).
-    recorder: RunRecorder | None = None
 
     def done(self) -> bool:
         """Stopped, out of time, or out of rows; sets the reason on the stop request."""
@@ -197,23 +196,17 @@ class _Worker:
         until = time.monotonic() + every
         if self.deadline is not None:
             until = min(until, self.deadline)
-        if self.recorder is not None:
-            self.recorder.waiting = True
-        try:
-            while not self.done():
-                left = until - time.monotonic()
-                if left <= 0:
-                    return set()
-                if listener is None:
-                    time.sleep(min(left, SLICE))
-                    continue
-                tables = listener.wait(min(left, SLICE))
-                if tables:
-                    return tables
-            return set()
-        finally:
-            if self.recorder is not None:
-                self.recorder.waiting = False
+        while not self.done():
+            left = until - time.monotonic()
+            if left <= 0:
+                return set()
+            if listener is None:
+                time.sleep(min(left, SLICE))
+                continue
+            tables = listener.wait(min(left, SLICE))
+            if tables:
+                return tables
+        return set()
 
     def sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds

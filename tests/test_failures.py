@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -153,6 +154,60 @@ def test_concurrent_runners_count_each_real_attempt_once(engine: Engine, tmp_pat
             session.execute(update(Failure).values(next_attempt_at=datetime.now(timezone.utc) - timedelta(seconds=1)))
     assert {n for k, n in attempts_made.items() if k in poison} == {2}
 
+
+
+def test_a_failure_committed_after_the_claims_snapshot_still_holds_its_row_back(pg_engine: Engine) -> None:
+    """Another run records a failure (and its backoff) for a row and releases it after this run's
+    claim took its snapshot but before the claim reached the row: the claim locks the row, and
+    its failure re-check must see the record all the same, or the row runs again at once.
+
+    The claim is held at its first row by an advisory lock the test holds, so the record is
+    committed exactly in that gap.
+    """
+    from sqlalchemy import Text, case, cast, func, text
+
+    lock = 73_001
+    handled: list[int] = []
+    jobs = Registry()
+    # Evaluated for the walk's first row only; the transaction-level shared lock waits for the test's.
+    held_at_row_1 = case((jobapp.Item.id == 1, cast(func.pg_advisory_xact_lock_shared(lock), Text) == ""), else_=True)
+
+    @jobs.flag_job(jobapp.Item.processed, where=held_at_row_1, batch_size=10)
+    def gated(item: jobapp.Item) -> None:
+        handled.append(item.id)
+
+    add_items(pg_engine, 5)
+    result: list[object] = []
+    with pg_engine.connect() as gate:
+        gate.execute(text("SELECT pg_advisory_lock(:lock)"), {"lock": lock})
+        gate.commit()
+        run = threading.Thread(target=lambda: result.append(run_pending(jobs, pg_engine)))
+        run.start()
+        try:
+            waiting = text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' AND query LIKE '%FOR NO KEY UPDATE%'"
+            )
+
+            def claim_waits() -> bool:
+                # A transaction of its own each time: pg_stat_activity is read once per transaction.
+                with pg_engine.connect() as conn:
+                    return bool(conn.execute(waiting).scalar_one() == 1)
+
+            wait_for(claim_waits, timeout=30, what="the claim to wait at row 1")
+            now = datetime.now(timezone.utc)
+            with Session(pg_engine) as session, session.begin():
+                session.add(Failure(job="gated", row_key="3", attempts=1, first_failed_at=now, last_failed_at=now,
+                                    next_attempt_at=now + timedelta(hours=1), dead=False, error_type="ValueError",
+                                    error_message="failed in another run", traceback=""))
+        finally:
+            gate.execute(text("SELECT pg_advisory_unlock(:lock)"), {"lock": lock})
+            gate.commit()
+            run.join(timeout=60)
+    assert not run.is_alive() and result, "the run did not end"
+    assert sorted(handled) == [1, 2, 4, 5]
+    assert processed(pg_engine) == {1: True, 2: True, 3: False, 4: True, 5: True}
+    record = _failure(pg_engine, "gated", "3")
+    assert record is not None and record.attempts == 1
 
 # --- the operator commands -------------------------------------------------------------------
 

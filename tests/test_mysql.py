@@ -79,7 +79,7 @@ def test_the_keyset_claim_seeks_in_the_pending_index(mysql_engine: Engine) -> No
     now = datetime.now(timezone.utc)
     statements = store_for(engine).chunk_statements(job, 50)
     with engine.connect() as conn, conn.begin():
-        claimed = statements.claim_rows(conn, Session(conn), now, now, after=90000)
+        claimed, _ = statements.claim_rows(conn, Session(conn), now, now, after=90000)
     assert [row.id for row, _ in claimed] == list(range(90001, 90051))
     plan = _explain(engine, statements.claim_after.params(now=now, run_started=now, batchjobs_after=90000))
     print(_shown(plan))

@@ -294,3 +294,32 @@ def test_timeout_interrupts_a_slow_handler(engine: Engine, behaviour: jobapp.Beh
         failure = session.get(Failure, ("slow", "2"))
     assert failure is not None and failure.error_type == "batchjobs.JobTimeout"
 
+
+
+def test_objects_a_handler_adds_or_deletes_belong_to_its_row(engine: Engine) -> None:
+    """Without a flush or a statement of its own, what a handler adds to, merges into or deletes
+    from ``ctx.session`` is flushed within its row's savepoint: kept when the row is done, even
+    when the next row fails at once (before it, handlers that leave the session alone share one
+    savepoint, which a failure rolls back)."""
+    from batchjobs import Registry
+
+    jobs = Registry()
+
+    @jobs.flag_job(jobapp.Item.processed)
+    def annotate(item: jobapp.Item, ctx: JobContext) -> None:
+        if item.id in (1, 2):
+            ctx.session.add(jobapp.ItemComment(id=item.id, item_id=item.id))
+        elif item.id == 3:
+            ctx.session.merge(jobapp.ItemComment(id=203, item_id=3))
+        elif item.id == 4:
+            ctx.session.delete(item)  # the claimed row itself: it is in the session already
+        if item.id in (2, 5):
+            raise ValueError(f"row {item.id} fails")
+
+    add_items(engine, 5)
+    summary = run_pending(jobs, engine)
+    assert (summary.done, summary.failed) == (3, 2)
+    with Session(engine) as session:
+        comments = session.scalars(select(jobapp.ItemComment.id).order_by(jobapp.ItemComment.id)).all()
+    assert comments == [1, 203]
+    assert processed(engine) == {1: True, 2: False, 3: True, 5: False}

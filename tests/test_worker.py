@@ -211,8 +211,9 @@ def test_the_alembic_helpers_install_and_remove_the_trigger(engine: Engine) -> N
 
 
 def test_an_idle_worker_polls_without_beating_every_few_seconds(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While it waits for rows a worker writes its heartbeat twice a minute, not every beat; once
-    rows flow it beats as often as ever, with their counts."""
+    """While it waits for rows a worker writes its heartbeat twice a minute, not every beat (its
+    polls of an empty table are no progress); once rows flow it beats as often as ever, with
+    their counts."""
     monkeypatch.setenv("BATCHJOBS_HEARTBEAT_EVERY", "50ms")
     sent: Counter[str] = Counter()
 

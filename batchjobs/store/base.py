@@ -103,17 +103,18 @@ def advance(position: Any, reached: Any, later: Callable[[Any, Any], bool] = ope
     return reached
 
 
-def _held_back(*, suspects: bool = True) -> ColumnElement[bool]:
+def held_back(records: Any = FAILURES.c, *, suspects: bool = True) -> ColumnElement[bool]:
     """Failure-record condition for rows that must wait: dead, backing off, or failed this run;
     with ``suspects``, also rows whose handler ever ended its process (they run apart).
+    ``records`` holds the failure table's columns (or those of a selectable of its rows).
 
     ``now`` and ``run_started`` are bound at execution, so each statement is built once per run.
     """
     return or_(
-        Failure.dead.is_(True),
-        Failure.next_attempt_at > bindparam("now", type_=UTCDateTime()),
-        Failure.last_failed_at >= bindparam("run_started", type_=UTCDateTime()),
-        *([Failure.crashes > 0] if suspects else []),
+        records.dead.is_(True),
+        records.next_attempt_at > bindparam("now", type_=UTCDateTime()),
+        records.last_failed_at >= bindparam("run_started", type_=UTCDateTime()),
+        *([records.crashes > 0] if suspects else []),
     )
 
 
@@ -205,9 +206,25 @@ class Store:
         """The engine to work through for an engine the app created; by default that engine."""
         return engine
 
+    #: The isolation level claiming transactions need, where the database's default may be another.
+    claim_isolation_level: str | None = None
+
     def claiming(self) -> Engine:
-        """The engine to open claiming transactions (chunks, admin changes, backfills) on."""
-        return self.engine
+        """The engine to open claiming transactions (admin changes, backfills) on."""
+        if self.claim_isolation_level is None:
+            return self.engine
+        return self.engine.execution_options(isolation_level=self.claim_isolation_level)
+
+    def claiming_connection(self) -> Connection:
+        """A connection of :meth:`claiming`'s for a run's chunks, to be closed by the caller.
+
+        The isolation level is set on the connection, not through the engine's options: an
+        engine with an isolation level option listens for every connection it hands out, and
+        SQLAlchemy then dispatches events around every statement of its connections.
+        """
+        if self.claim_isolation_level is None:
+            return self.claiming().connect()
+        return self.engine.connect().execution_options(isolation_level=self.claim_isolation_level)
 
     def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
         """How a keyset walk on ``key`` tells that a key it reached lies past its position
@@ -264,6 +281,10 @@ class Store:
     def in_failed_transaction(self, dbapi_connection: Any) -> bool:
         """Whether a statement failed and the transaction refuses more until rolled back."""
         return False
+
+    #: Whether :meth:`cancel_running_statement` tells by itself whether a statement is in flight
+    #: (it then ignores ``in_flight``, and nobody needs to listen for statements to know it).
+    sees_statement_in_flight = False
 
     def cancel_running_statement(self, dbapi_connection: Any, in_flight: bool) -> bool:
         """From a signal handler or another thread: cancel the statement the driver is waiting
@@ -685,6 +706,16 @@ class Store:
         """Create the partial index of pending rows, as :func:`batchjobs.pending_index` declares it."""
         raise NotImplementedError
 
+    @classmethod
+    def create_functions_sql(cls) -> list[str]:
+        """The functions this database's statements call, created by migration 0007 (none by default)."""
+        return []
+
+    @classmethod
+    def drop_functions_sql(cls) -> list[str]:
+        """What undoes :meth:`create_functions_sql`."""
+        return []
+
 
 class Listener(Protocol):
     """Waits for "a row became pending" notifications on a connection of its own."""
@@ -708,18 +739,24 @@ class ChunkStatements:
     cache finds each statement by identity from the second chunk on.
     """
 
+    #: Whether the claim statements return each row's failure state, as :meth:`failure_states`
+    #: reads it, after the row and its key (see :meth:`with_states`).
+    states_in_claim = False
+
     def __init__(self, store: Store, job: FlagJob, limit: int) -> None:
         self.store = store
         self.job = job
-        # Looked up once: reading it means a mapper lookup, and it is needed for every chunk.
+        # Looked up once: reading them means a mapper lookup, and they are needed for every chunk.
         self.pk_attr = job.primary_key_attr
-        self.claim = self.claim_statement(limit)
-        self.claim_after = self.claim_statement(limit, keyset_walk=True)
-        self.claim_suspect = self.suspect_statement()
-        self.failures = select(Failure.row_key, Failure.attempts, _held_back()).where(
+        self.primary_key = job.primary_key
+        self.walk_order = store.walk_order(self.primary_key)
+        self.claim = self.with_states(self.claim_statement(limit), suspects=True)
+        self.claim_after = self.with_states(self.claim_statement(limit, keyset_walk=True), suspects=True)
+        self.claim_suspect = self.with_states(self.suspect_statement(), suspects=False)
+        self.failures = select(Failure.row_key, Failure.attempts, held_back()).where(
             Failure.job == job.name, store.key_in(FAILURES.c.row_key)
         )
-        self.suspect_failures = select(Failure.row_key, Failure.attempts, _held_back(suspects=False)).where(
+        self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back(suspects=False)).where(
             Failure.job == job.name, store.key_in(FAILURES.c.row_key)
         )
         self.mark = (
@@ -761,7 +798,7 @@ class ChunkStatements:
     @cached_property
     def claim_keys(self) -> Select[Any]:
         """:meth:`keys_statement`, built on first use: only runs given keys claim by keys."""
-        return self.keys_statement()
+        return self.with_states(self.keys_statement(), suspects=True)
 
     def keys_statement(self) -> Select[Any]:
         """Select and lock the rows of given primary keys that are claimable, as :meth:`claim_statement`
@@ -779,12 +816,12 @@ class ChunkStatements:
         job = self.job
         # No LIMIT 1 needed: (job, row_key) is the failure table's primary key.
         of_this_row = and_(Failure.job == job.name, Failure.row_key == row_key_sql(job))
-        held_back = select(true()).where(of_this_row, _held_back()).scalar_subquery()
+        is_held_back = select(true()).where(of_this_row, held_back()).scalar_subquery()
         # Table columns, not mapped attributes, for plain rows: the ORM stays out of that path.
         loaded: list[Any] = list(job.columns) if job.columns else [job.model]
         # Labelled: the same expression sits in the subquery, and an unlabelled twin confuses
         # the ORM's result mapping once the compiled statement comes from SQLAlchemy's cache.
-        return select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), held_back.is_not(true()))
+        return select(*loaded, row_key_sql(job).label(ROW_KEY)).where(job.pending(), is_held_back.is_not(true()))
 
     def suspect_statement(self) -> Select[Any]:
         """Select and lock one crash suspect: a pending row whose handler ended its process before.
@@ -799,7 +836,7 @@ class ChunkStatements:
         stmt = (
             select(*loaded, row_key_sql(job).label(ROW_KEY))
             .join_from(job.table, Failure, of_this_row)
-            .where(job.pending(), Failure.crashes > 0, ~_held_back(suspects=False))
+            .where(job.pending(), Failure.crashes > 0, ~held_back(suspects=False))
             .order_by(job.primary_key)
             .limit(1)
         )
@@ -815,28 +852,56 @@ class ChunkStatements:
         *,
         suspect: bool = False,
         keys: Sequence[Any] | None = None,
-    ) -> list[tuple[Any, str]]:
-        """Lock pending rows: (row for the handler, row key) pairs, in key order.
+    ) -> tuple[list[tuple[Any, str]], dict[str, tuple[int, bool]]]:
+        """Lock pending rows: (row for the handler, row key) pairs, in key order, and the
+        :meth:`failure_states` of those rows.
 
         ORM objects are loaded into ``session``; plain rows come straight from ``connection``.
         With ``after`` (a primary-key value), only rows with a greater key are claimed. With
         ``suspect``, one crash suspect and nothing else. With ``keys`` (primary-key values), those
-        of these rows that are claimable and nothing else.
+        of these rows that are claimable and nothing else. The failure states take a second
+        statement, unless the store's claim reads them as they are once its rows are locked
+        (``states_in_claim``).
         """
+        found = self._claim(connection, session, now, run_started, after, suspect, keys)
+        rows = [(row, key) for row, key, *_ in found]
+        if self.states_in_claim:
+            return rows, {key: (attempts, bool(held)) for _, key, attempts, held in found if attempts is not None}
+        if not rows:
+            return rows, {}
+        return rows, self.failure_states(connection, [key for _, key in rows], now, run_started, suspect=suspect)
+
+    def with_states(self, claim: Select[Any], *, suspects: bool) -> Select[Any]:
+        """The claim as executed: for a store with ``states_in_claim``, one that also returns each
+        row's failure record's attempts and whether it holds the row back (with ``suspects``, as
+        for the claims of the walk), read once the rows are locked."""
+        return claim
+
+    def _claim(
+        self,
+        connection: Connection,
+        session: Session | None,
+        now: datetime,
+        run_started: datetime,
+        after: Any,
+        suspect: bool,
+        keys: Sequence[Any] | None,
+    ) -> list[Any]:
+        """The claim's result rows: the row for the handler, its key, and what ``with_states`` adds."""
         params: dict[str, Any] = {"now": now, "run_started": run_started}
         claim = self.claim_suspect if suspect else self.claim
         if keys is not None:
-            params[KEYS] = self.store.key_list(self.job.primary_key, keys, connection.dialect)
+            params[KEYS] = self.store.key_list(self.primary_key, keys, connection.dialect)
             claim = self.claim_keys
         elif after is not None:
             params[AFTER] = after
             claim = self.claim_after
         if self.record is None:
             assert session is not None, "ORM objects are loaded into a session"
-            return [(row, key) for row, key in session.execute(claim, params).all()]
-        make = self.record._make
+            return list(session.execute(claim, params).all())
+        make, width = self.record._make, len(self.job.columns)
         # all() fetches the chunk in one call; iterating the result would fetch row by row.
-        return [(make(values[:-1]), values[-1]) for values in connection.execute(claim, params).all()]
+        return [(make(values[:width]), *values[width:]) for values in connection.execute(claim, params).all()]
 
     def failure_states(
         self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime, *, suspect: bool = False
@@ -857,6 +922,6 @@ class ChunkStatements:
         """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""
         if keys:
             done = {f"batchjobs_done_{name}": value for name, value in self.job.done_values(now).items()}
-            keys_param = self.store.key_list(self.job.primary_key, keys, connection.dialect)
+            keys_param = self.store.key_list(self.primary_key, keys, connection.dialect)
             connection.execute(self.mark, {KEYS: keys_param, **done})
 

@@ -71,7 +71,7 @@ from batchjobs.store.base import (
     keyset,
     row_key_sql,
 )
-from batchjobs.store.base import _held_back as held_back_condition
+from batchjobs.store.base import held_back as held_back_condition
 from batchjobs.store.tables import FAILURES, RUNS, Failure, UTCDateTime
 
 if TYPE_CHECKING:
@@ -127,10 +127,9 @@ class MySQLStore(Store):
         #: Per (table, flag column name): the quoted name of its pending index, "" for none.
         self._seek_indexes: dict[tuple[Table, str], str] = {}
 
-    def claiming(self) -> Engine:
-        # MySQL defaults to REPEATABLE READ, where the failure re-check after the claim would read
-        # the transaction's first snapshot, and locking reads take gap locks.
-        return self.engine.execution_options(isolation_level="READ COMMITTED")
+    # MySQL defaults to REPEATABLE READ, where the failure re-check after the claim would read
+    # the transaction's first snapshot, and locking reads take gap locks.
+    claim_isolation_level = "READ COMMITTED"
 
     def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
         # MariaDB's native UUID type orders its values by their last group first, and text keys
@@ -385,7 +384,7 @@ class MySQLChunkStatements(ChunkStatements):
         *,
         suspect: bool = False,
         keys: Sequence[Any] | None = None,
-    ) -> list[tuple[Any, str]]:
+    ) -> tuple[list[tuple[Any, str]], dict[str, tuple[int, bool]]]:
         if after is not None and keys is None and not self.looked_up:
             self.looked_up = True
             job = self.job

@@ -16,7 +16,7 @@ from sqlalchemy.types import TypeEngine
 from batchjobs.timeutil import as_utc
 
 #: The alembic revision this code expects; `batchjobs migrate` brings a database to it.
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 #: batchjobs keeps its own alembic version table, apart from the app's `alembic_version`.
 VERSION_TABLE = "batchjobs_alembic_version"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
@@ -24,9 +24,10 @@ class ChunkSession(Session):
     """
 
     in_handler = False
-    #: Set when objects are added, merged or deleted: with the identity map's own flag for
-    #: changed attributes, what tells that a handler left something to flush. Cheaper than
-    #: asking ``session.new`` and ``session.deleted``, which build a set on every call.
+    #: Set when objects are added, merged or deleted (one at a time or several): with the
+    #: identity map's own flag for changed attributes, what tells that a handler left something
+    #: to flush. Cheaper than asking ``session.new`` and ``session.deleted``, which build a set
+    #: on every call.
     changed = False
 
     def add(self, instance: object, *args: Any, **kwargs: Any) -> None:
@@ -44,6 +45,16 @@ class ChunkSession(Session):
     def delete(self, instance: object) -> None:
         self.changed = True
         super().delete(instance)
+
+    # SQLAlchemy 2.1's, which do not go through merge() and delete().
+
+    def merge_all(self, instances: Iterable[Instance], *args: Any, **kwargs: Any) -> Sequence[Instance]:
+        self.changed = True
+        return super().merge_all(instances, *args, **kwargs)
+
+    def delete_all(self, instances: Iterable[object]) -> None:
+        self.changed = True
+        super().delete_all(instances)
 
     def _refuse(self, what: str) -> None:
         if self.in_handler:
@@ -75,7 +86,8 @@ class StatementCounter:
     def __init__(self, connection: Connection, store: Store) -> None:
         self.connection = connection
         self.count = 0
-        #: Set while a statement is with the driver; an error leaves it set until the next one.
+        #: Set while a statement is with the driver, once watching; an error leaves it set until the
+        #: next one. A store that sees for itself whether a statement is in flight ignores it.
         self.in_flight = False
         self.watching = False
         if not store.sees_statement_in_flight:

@@ -62,3 +62,38 @@ def test_the_public_migrate_is_the_function_once_its_module_is_imported() -> Non
     from batchjobs import migrate as public
 
     assert callable(public) and public is migrate
+
+
+def test_migration_0007_creates_and_drops_the_claims_failure_function(db_url: str) -> None:
+    """PostgreSQL's claims read failure records through a function of migration 0007; elsewhere
+    the migration does nothing. Down and up again leave the schema as it was."""
+    from importlib.resources import files
+
+    from alembic import command
+    from alembic.config import Config
+
+    engine = create_engine(db_url)
+    migrate(engine)
+
+    on_postgresql = engine.dialect.name == "postgresql"
+
+    def function_exists() -> bool:
+        if not on_postgresql:
+            return False  # nothing to look for: the migration creates nothing there
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT to_regprocedure('batchjobs_failures_now(varchar, varchar[])')")).scalar()
+        return found is not None
+
+    config = Config()
+    config.set_main_option("script_location", str(files("batchjobs.migrations")))
+    assert function_exists() is on_postgresql
+    with engine.connect() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0006")
+        conn.commit()
+    assert function_exists() is False
+    migrate(engine)
+    assert function_exists() is on_postgresql
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == SCHEMA_REVISION
+    engine.dispose()

@@ -908,9 +908,10 @@ class ChunkStatements:
     ) -> dict[str, tuple[int, bool]]:
         """For claimed rows that have a failure record: row key -> (attempts so far, held back).
 
-        Run right after the claim, as its own statement: under READ COMMITTED it sees every
-        failure committed before this transaction got the row locks, including one recorded by
-        another runner after the claim's snapshot was taken. Skipping rows held back here means
+        Run right after the claim, as its own statement (unless the claim returns them, see
+        ``states_in_claim``): under READ COMMITTED it sees every failure committed before this
+        transaction got the row locks, including one recorded by another runner after the
+        claim's snapshot was taken. Skipping rows held back here means
         a row is never attempted twice by overlapping runs before its backoff has passed.
         """
         keys_param = self.store.key_list(FAILURES.c.row_key, keys, connection.dialect)

@@ -63,8 +63,17 @@ CHANNEL = "batchjobs"
 _THRESHOLD_CHOSEN = "batchjobs_prepare_threshold_chosen"
 #: psycopg's own default: a statement is prepared on the server after its fifth run.
 PREPARE_AFTER = 5
-#: The function a claim reads its rows' failure records through (created by migration 0007).
+#: The function a claim reads its rows' failure records through (created by migration 0007),
+#: and the columns of the records it returns, with their PostgreSQL types.
 FAILURES_NOW = "batchjobs_failures_now"
+FAILURES_NOW_COLUMNS = {
+    "row_key": "varchar",
+    "attempts": "integer",
+    "dead": "boolean",
+    "next_attempt_at": "timestamptz",
+    "last_failed_at": "timestamptz",
+    "crashes": "integer",
+}
 
 
 def _quote(name: str) -> str:
@@ -180,12 +189,15 @@ class PostgreSQLStore(Store):
     def create_functions_sql(cls) -> list[str]:
         # VOLATILE: the function's query takes a snapshot of its own when it starts, so it sees
         # every record committed by then; a STABLE one would share its caller's snapshot, and
-        # PostgreSQL would inline it as SQL, with the same effect. SETOF the table's row type
-        # follows columns later migrations add.
+        # PostgreSQL would inline it as SQL, with the same effect. It returns the columns the
+        # held-back test reads, not the table's row type: no traceback travels with each claim,
+        # and the table can be dropped or recreated without the function.
+        columns = ", ".join(f"{name} {FAILURES_NOW_COLUMNS[name]}" for name in FAILURES_NOW_COLUMNS)
+        selected = ", ".join(f"f.{name}" for name in FAILURES_NOW_COLUMNS)
         return [
             f"""CREATE OR REPLACE FUNCTION {FAILURES_NOW}(job_name varchar, row_keys varchar[])
-RETURNS SETOF {FAILURES.name} LANGUAGE sql VOLATILE AS $$
-    SELECT * FROM {FAILURES.name} WHERE job = job_name AND row_key = ANY(row_keys)
+RETURNS TABLE ({columns}) LANGUAGE sql VOLATILE AS $$
+    SELECT {selected} FROM {FAILURES.name} AS f WHERE f.job = job_name AND f.row_key = ANY(row_keys)
 $$"""
         ]
 
@@ -391,7 +403,7 @@ class PostgreSQLChunkStatements(ChunkStatements):
         # correlate(None): the keys come from the WITH query itself, not from the enclosing row.
         keys = func.array(select(row_key).correlate(None).scalar_subquery())
         records = getattr(func, FAILURES_NOW)(job.name, keys).table_valued(
-            *(column(c.name, c.type) for c in FAILURES.c), name="batchjobs_records"
+            *(column(name, FAILURES.c[name].type) for name in FAILURES_NOW_COLUMNS), name="batchjobs_records"
         )
         loaded: list[Any] = [claimed.c[c.name] for c in job.columns] if job.columns else [aliased(job.model, claimed)]
         return (

@@ -309,15 +309,21 @@ class _Run:
             try:
                 with self.connection.begin():
                     forget_stale_failures(self.store, self.connection, job, partial(self.watchdog.limit, wait))
-            except DBAPIError:
-                if not self.watchdog.fired:
-                    raise
-                logger.warning(
-                    "job %s: its table stayed locked for %s (a migration?); its failure records are checked next time",
-                    job.name,
-                    format_duration(wait),
-                    extra={"job": job.name, "outcome": "skipped"},
-                )
+            except DBAPIError as exc:
+                self.locked_out(exc, job, wait, "its failure records are checked next time")
+
+    def locked_out(self, error: DBAPIError, job: FlagJob, wait: float, consequence: str) -> None:
+        """One line for a statement on ``job``'s table that the watchdog cancelled after ``wait``
+        seconds; any other error is raised."""
+        if not self.watchdog.fired:
+            raise error
+        logger.warning(
+            "job %s: its table stayed locked for %s (a migration?); %s",
+            job.name,
+            format_duration(wait),
+            consequence,
+            extra={"job": job.name, "outcome": "skipped"},
+        )
 
     def should_stop(self, now: float | None = None) -> bool:
         if self.stop:
@@ -396,15 +402,8 @@ class _Run:
                         # by: locked by another run then, requeued since, or inserted with a lower key.
                         del self.after[job.name]
                         claimed, states = statements.claim_rows(connection, session, now, self.run_started)
-            except DBAPIError:
-                if not self.watchdog.fired:
-                    raise
-                logger.warning(
-                    "job %s: its table stayed locked for %s (a migration?); skipped in this run",
-                    job.name,
-                    format_duration(wait),
-                    extra={"job": job.name, "outcome": "skipped"},
-                )
+            except DBAPIError as exc:
+                self.locked_out(exc, job, wait, "skipped in this run")
                 return _SKIPPED
             if not claimed:
                 return 0

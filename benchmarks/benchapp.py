@@ -71,6 +71,24 @@ class TriggeredSignup(Base):
     welcome_sent: Mapped[bool] = flag_column()
 
 
+def create_tables(url: Any) -> None:
+    """Create the benchmark app's tables, then batchjobs' own with its migrations, in an empty
+    database; works with the batchjobs of any revision being measured."""
+    from batchjobs.db import create_engine
+
+    try:
+        from batchjobs.schema import migrate
+    except ImportError:  # a revision from before the module's rename
+        from batchjobs.migrate import migrate  # type: ignore[no-redef]
+
+    engine = create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        migrate(engine)
+    finally:
+        engine.dispose()
+
+
 pending_index(Row.done)
 pending_index(FlaggedSignup.welcome_sent)
 pending_index(TriggeredSignup.welcome_sent)

@@ -63,19 +63,7 @@ def noop_listener(*_args: Any) -> None:
 def setup(url: str) -> None:
     import benchapp
 
-    from batchjobs.db import create_engine
-
-    try:
-        from batchjobs.schema import migrate
-    except ImportError:  # a revision from before the module's rename
-        from batchjobs.migrate import migrate  # type: ignore[no-redef]
-
-    engine = create_engine(url)
-    try:
-        benchapp.Base.metadata.create_all(engine)
-        migrate(engine)
-    finally:
-        engine.dispose()
+    benchapp.create_tables(url)
 
 
 def drain(url: str, job: str, listener: bool) -> float:

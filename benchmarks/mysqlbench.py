@@ -12,8 +12,7 @@ import pymysql
 from pymysql.constants import CLIENT
 from sqlalchemy.engine import URL
 
-from batchjobs.db import create_engine, parse_url
-from batchjobs.schema import migrate
+from batchjobs.db import parse_url
 
 TABLE = benchapp.Row.__tablename__
 BATCH = benchapp.BATCH_SIZE
@@ -53,12 +52,7 @@ class Server:
             if setup is not None:
                 setup(url)
             else:
-                engine = create_engine(url)
-                try:
-                    benchapp.Base.metadata.create_all(engine)
-                    migrate(engine)
-                finally:
-                    engine.dispose()
+                benchapp.create_tables(url)
             yield url
         finally:
             with connect(admin, autocommit=True) as conn, conn.cursor() as cursor:

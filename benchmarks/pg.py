@@ -14,8 +14,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import URL
 
-from batchjobs.db import create_engine, parse_url
-from batchjobs.schema import migrate
+from batchjobs.db import parse_url
 
 
 @contextmanager
@@ -75,12 +74,7 @@ class Server:
             if setup is not None:
                 setup(url)
             else:
-                engine = create_engine(url)
-                try:
-                    benchapp.Base.metadata.create_all(engine)
-                    migrate(engine)
-                finally:
-                    engine.dispose()
+                benchapp.create_tables(url)
             yield url
         finally:
             with connect(self.url, autocommit=True) as admin:

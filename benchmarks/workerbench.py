@@ -26,7 +26,6 @@ from sqlalchemy import Connection, MetaData, Table, insert, text
 from sqlalchemy.engine import URL
 
 from batchjobs.db import create_engine
-from batchjobs.schema import migrate
 from batchjobs.store.postgresql import PostgreSQLStore
 from batchjobs.worker import trigger_sql
 
@@ -151,12 +150,7 @@ def sqlite_database() -> Iterator[str]:
     """A SQLite file holding the benchmark app's tables and batchjobs' own, in a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="batchjobs-bench-sqlite-") as folder:
         url = f"sqlite:///{folder}/bench.db"
-        engine = create_engine(url)
-        try:
-            benchapp.Base.metadata.create_all(engine)
-            migrate(engine)
-        finally:
-            engine.dispose()
+        benchapp.create_tables(url)
         yield url
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -228,3 +229,53 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_db = callspec.params.get("db_url") if callspec is not None else None
         if on_db == "postgresql" or (on_db is None and "postgres_server" in fixtures):
             item.add_marker(pytest.mark.postgres)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def answers(port: int) -> bool:
+    """Whether something accepts connections on this port of 127.0.0.1."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway Redis of the tests' own where redis-server is installed, else the machine's;
+    one for the whole session, shared by the Celery and Flower tests."""
+    server = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    if server is None:
+        if not answers(6379):
+            pytest.skip("no Redis: neither redis-server installed nor a Redis at 127.0.0.1:6379")
+        yield "redis://127.0.0.1:6379/0"
+        return
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.skip(f"the throwaway Redis on port {port} did not start")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

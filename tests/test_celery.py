@@ -10,12 +10,9 @@ serves workers on its own host only, taking turns at its write lock; run_rows's 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +21,7 @@ from pathlib import Path
 
 import jobapp
 import pytest
-from conftest import TESTS, effects, url_of, wait_for
+from conftest import TESTS, answers, effects, free_port, url_of, wait_for
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.orm import Session
 from test_run_pending import processed
@@ -39,56 +36,9 @@ from celeryapp import make_app  # noqa: E402 - needs Celery
 ITEMS = "process_item"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A throwaway Redis of the tests' own where redis-server is installed, else the machine's."""
-    server = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-    if server is None:
-        if not _answers(6379):
-            pytest.skip("no Redis: neither redis-server installed nor a Redis at 127.0.0.1:6379")
-        yield "redis://127.0.0.1:6379/0"
-        return
-    port = _free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while not _answers(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.skip(f"the throwaway Redis on port {port} did not start")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def rabbitmq_url() -> str:
-    if not _answers(5672):
+    if not answers(5672):
         pytest.skip("no RabbitMQ at 127.0.0.1:5672")
     return "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -392,7 +342,7 @@ def test_a_route_the_app_gives_batchjobs_tasks_wins() -> None:
 def test_a_broker_that_cannot_be_reached_costs_one_warning_not_the_commit(
     engine: Engine, behaviour: jobapp.Behaviour, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, jobs = make_app(f"redis://127.0.0.1:{_free_port()}/0", None)  # nothing listens there
+    app, jobs = make_app(f"redis://127.0.0.1:{free_port()}/0", None)  # nothing listens there
     app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
     with Session(engine) as session:
         jobs.dispatch_on_commit(session)

@@ -16,13 +16,13 @@ from typing import Any
 
 import jobapp
 import pytest
-from conftest import wait_for
+from conftest import free_port, wait_for
 from sqlalchemy import Engine, insert
 
 pytest.importorskip("celery", reason="Celery is not installed: pip install 'batchjobs[celery]'")
 pytest.importorskip("flower", reason="Flower is not installed: pip install flower")
 
-from test_celery import ITEMS, Cluster, _cluster, _free_port, redis_url  # noqa: E402,F401 - needs Celery; the fixture is used
+from test_celery import ITEMS, Cluster, _cluster  # noqa: E402 - needs Celery
 
 
 def _get(port: int, path: str) -> Any:
@@ -58,10 +58,10 @@ def _end(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def flower_cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterator[tuple[Cluster, int]]:  # noqa: F811
+def flower_cluster(pg_engine: Engine, tmp_path: Path, redis_url: str) -> Iterator[tuple[Cluster, int]]:
     """Flower first, then a worker with task events (-E) and heartbeats; yields once Flower receives its events."""
     with _cluster(pg_engine, tmp_path, redis_url, redis_url) as cluster:
-        port = _free_port()
+        port = free_port()
         # Flower's API answers without login only when told to; it listens on loopback only here.
         with open(tmp_path / "flower.log", "wb") as out:
             flower = subprocess.Popen(

@@ -22,7 +22,7 @@ from pathlib import Path
 import jobapp
 import psycopg
 import pytest
-from conftest import cli_env, effects, run_cli, start_cli
+from conftest import cli_env, effects, free_port, run_cli, start_cli
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -192,12 +192,6 @@ def _pgbouncer_binary() -> str | None:
     return "/usr/sbin/pgbouncer" if os.access("/usr/sbin/pgbouncer", os.X_OK) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(params=["transaction", "session"])
 def pgbouncer_url(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator[str]:
     """The test database (tables migrated) through a pgbouncer of its own, in each pooling mode,
@@ -212,7 +206,7 @@ def pgbouncer_url(request: pytest.FixtureRequest, pg_engine: Engine) -> Iterator
     target = f"host={host} port={backend.port or 5432} dbname={backend.database} user={user}"
     if backend.password:
         target += f" password={backend.password}"
-    port = _free_port()
+    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="batchjobs-pgbouncer-"))
     # pgbouncer refuses to run as root; as another user it must still read its files.
     workdir.chmod(0o755)

@@ -22,7 +22,7 @@ from pathlib import Path
 import jobapp
 import psycopg
 import pytest
-from conftest import cli_env, effects, free_port, run_cli, start_cli
+from conftest import cli_env, effects, free_port, run_cli, start_cli, stop_process
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -256,12 +256,7 @@ ignore_startup_parameters = extra_float_digits
                 time.sleep(0.05)
         yield url.render_as_string(hide_password=False)
     finally:
-        bouncer.terminate()
-        try:
-            bouncer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            bouncer.kill()
-            bouncer.wait()
+        stop_process(bouncer)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -18,12 +18,14 @@ from typing import Any
 from batchjobs.savepoints import StatementCounter
 from batchjobs.store import Store
 
-#: How often the watching thread looks at the clock: the precision of the deadline.
-TICK = 0.1
-
 
 class Watchdog:
-    """Cancels the statement in flight on one connection when it outlives its deadline."""
+    """Cancels the statement in flight on one connection when it outlives its deadline.
+
+    The watching thread sleeps until the deadline it keeps, or for good while there is none: it
+    does not poll, so a run of many quick claims wakes it about once per claim wait, and an idle
+    worker not at all.
+    """
 
     def __init__(self, store: Store, dbapi_connection: Any, statements: StatementCounter) -> None:
         self.store = store
@@ -31,8 +33,10 @@ class Watchdog:
         self.statements = statements
         self.fired = False
         self._deadline: float | None = None
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
+        # When the thread wakes next by itself; None while it sleeps until woken.
+        self._wakes_at: float | None = None
+        self._stopped = False
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @contextmanager
@@ -42,23 +46,35 @@ class Watchdog:
             self._thread = threading.Thread(target=self._watch, name="batchjobs-watchdog", daemon=True)
             self._thread.start()
         self.fired = False
-        with self._lock:
-            self._deadline = time.monotonic() + seconds
+        with self._changed:
+            self._deadline = deadline = time.monotonic() + seconds
+            # Deadlines mostly come later than the one the thread sleeps towards: it wakes then,
+            # finds this one and sleeps on, so most claims cost it no wake-up at all.
+            if self._wakes_at is None or deadline < self._wakes_at:
+                self._changed.notify()
         try:
             yield
         finally:
             # Under the lock: once this returns, no cancel can be sent for a later statement.
-            with self._lock:
+            with self._changed:
                 self._deadline = None
 
     def _watch(self) -> None:
-        while not self._stopped.wait(TICK):
-            with self._lock:
-                if self._deadline is not None and time.monotonic() >= self._deadline:
+        with self._changed:
+            while not self._stopped:
+                deadline = self._deadline
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     self._deadline = None
                     self.fired = self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight)
+                    continue
+                self._wakes_at = deadline
+                self._changed.wait(None if left is None else min(left, threading.TIMEOUT_MAX))
+                self._wakes_at = None
 
     def stop(self) -> None:
-        self._stopped.set()
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
         if self._thread is not None:
             self._thread.join()

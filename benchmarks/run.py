@@ -891,10 +891,11 @@ def insert_scenario(server: pg.Server, sizes: Sizes, report: Report) -> None:
 CALLGRIND_TOTAL = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
 
-def callgrind_instructions(code: Code, url: URL, job: str, out: Path) -> int:
+def callgrind_instructions(code: Code, url: URL, kind: Kind, listener: bool, out: Path) -> int:
     """Instructions one drain_once.py process executes, start to exit. Only the client's: the
     server's backend is another process, which callgrind does not follow."""
-    drain_once(code, url, "--job", job, wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    drain_once(code, url, "--job", kind.job, *(["--listener"] if listener else []), wrapper=wrapper)
     match = CALLGRIND_TOTAL.search(out.read_text())
     if match is None:
         raise RuntimeError(f"no summary or totals line in {out}")
@@ -902,44 +903,57 @@ def callgrind_instructions(code: Code, url: URL, job: str, out: Path) -> int:
 
 
 def callgrind_scenario(server: pg.Server, sizes: Sizes, report: Report, codes: Sequence[Code] = (CURRENT,)) -> None:
+    """Client instructions per drained row, each contender without and with a tracing listener.
+
+    Each drain is counted three times: with nothing pending (start-up, imports, connecting: to
+    subtract), with ``n`` rows and with ``2 n``. Per row over ``n`` rows includes what a run pays
+    once (its statements built and compiled at the first chunks); the rows from ``n`` to ``2 n``
+    show what every further chunk costs.
+    """
     n = sizes.callgrind
     section = f"7. Client instructions per row, {n:,} rows (callgrind)"
     counts: dict[str, dict[str, int]] = {}
     per_row: dict[str, float] = {}
+    further: dict[str, float] = {}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for code in codes:
             url = stack.enter_context(code_database(server, "callgrind", code))
             for kind in KINDS:
-                name = contender_name(code, kind, False)
-                # A drain at full speed first: it writes the bytecode, so that neither counted run compiles.
-                drained(report, url, 10 * BATCH, drain_process(code, kind.job))
-                # The same process with nothing pending: start-up, imports and connecting, to subtract.
-                pg.load_rows(url, 0, done=False)
-                idle = callgrind_instructions(code, url, kind.job, tmp / f"{name}-idle.out")
-                pg.load_rows(url, n, done=False)
-                total = callgrind_instructions(code, url, kind.job, tmp / f"{name}.out")
-                pending, _ = pg.row_counts(url)
-                report.check(pending == 0, f"callgrind drain ({code.label}, {kind.job}) left {pending} pending")
-                counts[name] = {"idle": idle, "drain": total}
-                per_row[name] = (total - idle) / n
-                log(f"  callgrind, {name}: {per_row[name]:,.0f} instructions/row")
+                for listener in (False, True):
+                    name = contender_name(code, kind, listener)
+                    # A drain at full speed first: it writes the bytecode, so that no counted run compiles.
+                    drained(report, url, 10 * BATCH, drain_process(code, kind.job, listener))
+                    total: dict[int, int] = {}
+                    for rows in (0, n, 2 * n):
+                        pg.load_rows(url, rows, done=False)
+                        total[rows] = callgrind_instructions(code, url, kind, listener, tmp / f"{name}-{rows}.out")
+                        pending, _ = pg.row_counts(url)
+                        report.check(pending == 0, f"callgrind drain ({code.label}, {kind.job}) left {pending} pending")
+                    counts[name] = {"idle": total[0], "drain": total[n], "drain_twice": total[2 * n]}
+                    per_row[name] = (total[n] - total[0]) / n
+                    further[name] = (total[2 * n] - total[n]) / n
+                    log(f"  callgrind, {name}: {per_row[name]:,.0f} instructions/row, {further[name]:,.0f} from row {n:,} on")
     others = [code for code in codes if code.name != CURRENT.name]
     for kind in KINDS:
-        for code in codes:
-            name = contender_name(code, kind, False)
-            what = f"batchjobs.run_pending process, {kind.what}, {code.label}"
-            result = f"{per_row[name]:,.0f} instructions/row"
-            if code.name == CURRENT.name and others:
-                share = per_row[name] / per_row[contender_name(others[0], kind, False)]
-                report.add(
-                    section, what, result, f"{share:.3f} of baseline", f"<= baseline (+{CALLGRIND_TOLERANCE - 1:.1%})",
-                    verdict(share <= CALLGRIND_TOLERANCE),
-                )
-            else:
-                report.add(section, what, result)
+        for listener in (False, True):
+            for code in codes:
+                name = contender_name(code, kind, listener)
+                what = f"batchjobs.run_pending process, {kind.what}, {code.label}" + (f", {LISTENER}" if listener else "")
+                result = f"{per_row[name]:,.0f} instructions/row ({further[name]:,.0f} from row {n:,} on)"
+                if code.name == CURRENT.name and others:
+                    baseline = contender_name(others[0], kind, listener)
+                    share = per_row[name] / per_row[baseline]
+                    report.add(
+                        section, what, result,
+                        f"{share:.3f} of baseline ({further[name] / further[baseline]:.3f} from row {n:,} on)",
+                        f"<= baseline (+{CALLGRIND_TOLERANCE - 1:.1%})", verdict(share <= CALLGRIND_TOLERANCE),
+                    )
+                else:
+                    report.add(section, what, result)
     report.data["callgrind"] = {
-        "rows": n, "codes": {code.name: code.label for code in codes}, "instructions": counts, "instructions_per_row": per_row,
+        "rows": n, "codes": {code.name: code.label for code in codes}, "instructions": counts,
+        "instructions_per_row": per_row, "instructions_per_row_from_n": further,
     }
 
 

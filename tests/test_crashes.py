@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import jobapp
@@ -21,6 +22,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
+from batchjobs.crashes import InflightMarker, _take
 from batchjobs.store.tables import Failure
 
 
@@ -56,6 +58,20 @@ def test_a_row_that_kills_its_process_dies_and_the_rest_get_through(engine: Engi
     shown = run_cli("-A", "jobapp:jobs", "show-failure", "process_item", "50", env=env)
     assert shown.returncode == 0 and "batchjobs.Crashed" in shown.stdout, shown.stderr
     assert "row 50: 3 attempt(s) (3 ended their worker), dead" in shown.stdout
+
+
+@pytest.mark.parametrize("keys", [["7"], ["a\nb", "c"], ["", " x ", "ü"]], ids=["one", "line-break", "odd"])
+def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: list[str]) -> None:
+    """Keys are written a line each, over a longer marker of an earlier chunk; a key with a line
+    break cannot be read back from lines, and is not."""
+    marker = InflightMarker(tmp_path)
+    marker.set("process_item", [str(n) for n in range(1000, 1100)], datetime.now(timezone.utc))
+    marker.set("process_item", keys, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    marker.close(ended_well=False)
+    data = _take(marker.path)
+    assert data is not None
+    assert (data["job"], data["row_keys"], data["started_at"]) == ("process_item", keys, "2026-01-02T03:04:05+00:00")
+    assert not marker.path.exists()  # taken: no second run counts it again
 
 
 def test_a_worker_that_is_pid_1_of_a_container_has_its_crashes_counted(engine: Engine, tmp_path: Path) -> None:

@@ -1,0 +1,51 @@
+"""The watchdog that bounds claims: a statement past its deadline is cancelled, on the real servers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+
+from batchjobs.savepoints import StatementCounter
+from batchjobs.store import store_for
+from batchjobs.watchdog import Watchdog
+
+
+@pytest.mark.parametrize("database", ["pg_engine", "mysql_engine"])
+def test_a_deadline_sooner_than_the_one_the_watchdog_sleeps_towards_is_kept(database: str, request: pytest.FixtureRequest) -> None:
+    """After a claim with a long wait, a claim with a short one (a run near its --max-runtime)
+    waits behind a lock: it is cancelled at its own deadline, not when the lock goes away."""
+    engine: Engine = request.getfixturevalue(database)
+    store = store_for(engine)
+    with engine.begin() as setup:
+        setup.execute(text("CREATE TABLE watched (id INTEGER PRIMARY KEY)"))
+        setup.execute(text("INSERT INTO watched VALUES (1)"))
+    holder = engine.connect()
+    holder.begin()
+    holder.execute(text("UPDATE watched SET id = 1 WHERE id = 1"))
+    # The lock goes away by itself after a while: were the short deadline missed, the waiting
+    # statement would simply finish then, and the test would fail rather than hang.
+    released = threading.Timer(20, holder.rollback)
+    try:
+        with engine.connect() as connection:
+            watchdog = Watchdog(store, connection.connection.dbapi_connection, StatementCounter(connection, store))
+            try:
+                with watchdog.limit(3600):
+                    connection.execute(text("SELECT 1")).scalar_one()
+                connection.commit()
+                released.start()
+                with pytest.raises(DBAPIError), watchdog.limit(0.5):
+                    connection.execute(text("SELECT id FROM watched WHERE id = 1 FOR UPDATE")).all()
+                assert watchdog.fired
+                assert released.is_alive(), "the statement was cancelled only once the lock was gone"
+            finally:
+                watchdog.stop()
+    finally:
+        released.cancel()
+        released.join()
+        holder.rollback()
+        holder.close()
+        with engine.begin() as cleanup:
+            cleanup.execute(text("DROP TABLE watched"))

@@ -10,6 +10,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import jobapp
 import pytest
@@ -123,6 +124,50 @@ def test_uuid_keys_with_a_failing_row(db_url: str) -> None:
     with engine.connect() as conn:
         [key] = conn.scalars(select(Failure.row_key)).all()
     assert retry(registry, engine, "scan", row_keys=[key]) == 1
+    engine.dispose()
+
+
+class Tag(UuidBase):
+    __tablename__ = "tags"
+    name: Mapped[str] = mapped_column(String(20), primary_key=True)
+    indexed: Mapped[bool] = flag_column()
+
+
+def test_text_keys_the_server_orders_unlike_python(db_url: str) -> None:
+    """A walk over text keys in a collation's order: every chunk ends on a key that Python would
+    sort before the key the chunk before ended on ('c', then 'F'), and the walk goes on."""
+    from batchjobs.db import create_engine
+
+    engine = create_engine(db_url)
+    Tag.__table__.create(engine)  # type: ignore[attr-defined]
+    if engine.dialect.name == "postgresql":
+        # Most collations order 'a' before 'B' (MySQL's and MariaDB's defaults do too); SQLite
+        # compares bytes, in Python's order. A server without ICU or OS locales has none such.
+        with engine.begin() as conn:
+            found = conn.scalars(
+                text("SELECT collname FROM pg_collation WHERE collname IN ('und-x-icu', 'en_US.utf8') ORDER BY collname DESC")
+            ).first()
+            if found is not None:
+                conn.execute(text(f'ALTER TABLE tags ALTER COLUMN name TYPE varchar(20) COLLATE "{found}"'))
+    migrate(engine)
+    names = [letter.upper() if index % 2 else letter for index, letter in enumerate("abcdefghijklmnopqrstuvwxyz")]
+    with Session(engine) as session, session.begin():
+        session.add_all(Tag(name=name) for name in names)
+    with engine.connect() as conn:
+        in_server_order = conn.scalars(select(Tag.name).order_by(Tag.name)).all()
+    if in_server_order == sorted(names):
+        engine.dispose()
+        pytest.skip("this database has no collation that orders text unlike Python")
+    registry = Registry()
+    seen: list[str] = []
+
+    @registry.flag_job(Tag.indexed, columns=[Tag.name])
+    def index(tag: Any) -> None:
+        seen.append(tag.name)
+
+    summary = run_pending(registry, engine, batch_size=3)
+    assert (summary.done, summary.failed) == (26, 0)
+    assert seen == in_server_order
     engine.dispose()
 
 

@@ -229,8 +229,14 @@ class Store:
     def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
         """How a keyset walk on ``key`` tells that a key it reached lies past its position
         (see :func:`advance`): Python's ``>``, where Python orders the key's values as the
-        database does."""
-        return operator.gt
+        database does.
+
+        Text keys follow their column's collation, which in most puts 'a' before 'B', unlike
+        Python. A walk's claims ask for keys greater than its position in the server's own
+        order, and keys come back from the server exactly as they were bound, so for text the
+        walk moved if the key is another one.
+        """
+        return operator.ne if isinstance(key.type, String) else operator.gt
 
     # -- driver and server behaviour -----------------------------------------------------------------
 

@@ -132,11 +132,9 @@ class MySQLStore(Store):
     claim_isolation_level = "READ COMMITTED"
 
     def walk_order(self, key: Column[Any]) -> Callable[[Any, Any], bool]:
-        # MariaDB's native UUID type orders its values by their last group first, and text keys
-        # follow their column's collation ('a' < 'B'), unlike Python. A walk's claims ask for
-        # keys greater than its position in the server's own order, and these values come back
-        # from the server exactly as they were bound, so the walk moved if the key is another.
-        return operator.ne if isinstance(key.type, (Uuid, String)) else operator.gt
+        # MariaDB's native UUID type orders its values by their last group first, unlike Python:
+        # like text keys (see the base class), a walk over them moved if the key is another one.
+        return operator.ne if isinstance(key.type, Uuid) else super().walk_order(key)
 
     def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
         # OF is rendered where the server has it (MySQL 8). Either way only the claimed rows are

@@ -160,7 +160,9 @@ def account_abandoned(store: Store, registry: Registry, now: datetime) -> int:
             continue
         job = registry.jobs[data["job"]]
         since = datetime.fromisoformat(data["started_at"])
-        with store.engine.begin() as connection:
+        # A claiming transaction: it reads, then writes what it read, so on SQLite it takes the
+        # write lock first rather than fail to upgrade its read beside another writer.
+        with store.claiming().begin() as connection:
             keys = store.still_attempted(connection, job, data["row_keys"], since)
             store.record_failures(connection, job, [RowFailure(key, 0, Crashed(REASON), crashed=True) for key in keys], now)
         if keys:

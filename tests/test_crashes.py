@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import re
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import jobapp
 import pytest
 import sqlalchemy
 from conftest import BATCHJOBS, blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
-from batchjobs.crashes import InflightMarker, _take
+from batchjobs.crashes import InflightMarker, _take, account_abandoned, marker_dir
+from batchjobs.schema import migrate
+from batchjobs.store import store_for
 from batchjobs.store.tables import Failure
 
 
@@ -72,6 +76,14 @@ def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: li
     assert data is not None
     assert (data["job"], data["row_keys"], data["started_at"]) == ("process_item", keys, "2026-01-02T03:04:05+00:00")
     assert not marker.path.exists()  # taken: no second run counts it again
+
+
+def test_a_marker_of_the_format_before_is_read(tmp_path: Path) -> None:
+    """A worker of the previous release wrote its marker as one JSON object."""
+    path = tmp_path / "1-2-3.json"
+    path.write_text('{"pid": 7, "job": "process_item", "row_keys": ["1", "2"], "started_at": "2026-01-02T03:04:05+00:00"}')
+    data = _take(path)
+    assert data is not None and (data["pid"], data["row_keys"]) == (7, ["1", "2"])
 
 
 def test_a_worker_that_is_pid_1_of_a_container_has_its_crashes_counted(engine: Engine, tmp_path: Path) -> None:
@@ -165,3 +177,41 @@ def test_a_claim_waits_for_a_locked_table_no_longer_than_the_lock_timeout(pg_eng
     assert "send_receipt 1 done" in default.stdout
     assert not any(processed(pg_engine).values())
     assert took < 60, took  # not as long as a migration may hold the table
+
+
+def test_crash_accounting_on_sqlite_beside_another_writer(sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead worker's marker is counted while another process writes to the database between
+    accounting's read and its write: the accounting holds the write lock from its start, so the
+    other writer waits (here: gives up) instead of the accounting failing with "database is locked"."""
+    monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "state"))
+    engine = sqlalchemy.create_engine(sqlite_url)
+    jobapp.Base.metadata.create_all(engine)
+    migrate(engine)
+    add_items(engine, 3)
+    store = store_for(engine)
+    folder = marker_dir(store)
+    folder.mkdir(parents=True)
+    (folder / "1-2-3.json").write_text(
+        '{"pid": 7, "job": "process_item", "started_at": "2026-01-02T03:04:05+00:00", "count": 1}\n2\n'
+    )
+    other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=0.1, isolation_level=None)
+    writes: list[str] = []
+
+    def another_writer(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT") and not writes:
+            try:
+                other.execute("UPDATE items SET processed = processed WHERE id = 1")
+                writes.append("written")
+            except sqlite3.OperationalError as error:
+                writes.append(str(error))
+
+    event.listen(store.engine, "before_cursor_execute", another_writer)
+    try:
+        assert account_abandoned(store, jobapp.jobs, datetime.now(timezone.utc)) == 1
+    finally:
+        event.remove(store.engine, "before_cursor_execute", another_writer)
+        other.close()
+        engine.dispose()
+    assert writes == ["database is locked"]
+    pill = failure(store.engine, "2")
+    assert pill is not None and pill.crashes == 1

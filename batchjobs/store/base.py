@@ -382,7 +382,8 @@ class Store:
         pk = job.primary_key
         done = {column.name for column in job.done_columns}
         columns = [column for column in job.table.columns if column.name not in done]
-        stmt = select(row_key_sql(job), *columns).where(pk.in_([cast(literal(key, String()), pk.type) for key in row_keys]))
+        keys = [self.key_from_text(pk, literal(key, String())) for key in row_keys]
+        stmt = select(row_key_sql(job), *columns).where(pk.in_(keys))
         return {row[0]: row_digest(row[1:]) for row in connection.execute(stmt)}
 
     def failing_jobs(self, connection: Connection) -> set[str]:
@@ -466,7 +467,7 @@ class Store:
             .exists()
         )
         stmt = select(row_key_sql(job)).where(
-            job.pending(), pk.in_([cast(literal(key, String()), pk.type) for key in row_keys]), ~recorded
+            job.pending(), pk.in_([self.key_from_text(pk, literal(key, String())) for key in row_keys]), ~recorded
         )
         return list(connection.scalars(stmt))
 

@@ -136,6 +136,13 @@ class MySQLStore(Store):
         # like text keys (see the base class), a walk over them moved if the key is another one.
         return operator.ne if isinstance(key.type, Uuid) else super().walk_order(key)
 
+    def key_from_text(self, key: ColumnElement[Any], text_key: ColumnElement[str]) -> ColumnElement[Any]:
+        # Both compare a UUID key (MariaDB's native type, or SQLAlchemy's CHAR(32)) with its text
+        # as it is; SQLAlchemy renders no CAST to UUID here, and warns each time it leaves one out.
+        if isinstance(key.type, Uuid):
+            return text_key
+        return super().key_from_text(key, text_key)
+
     def lock_for_claim(self, stmt: Select[Any], table: Table) -> Select[Any]:
         # OF is rendered where the server has it (MySQL 8). Either way only the claimed rows are
         # locked: not the failure records the claim reads, nor rows it passes by (READ COMMITTED).

@@ -895,12 +895,13 @@ def callgrind_instructions(code: Code, url: URL, kind: Kind, listener: bool, out
     """Instructions one drain_once.py process executes, start to exit. Only the client's: the
     server's backend is another process, which callgrind does not follow.
 
-    The run is kept out of the run history: its heartbeats come every few seconds of the clock,
-    and valgrind slows the process some fifty-fold, so they would count many times what a real
-    run of the same rows pays, and vary with the machine's load.
+    The run leaves out what the clock drives (``--no-clock``): the run history's heartbeats, every
+    few seconds, and early commits of chunks that take over a second. valgrind slows the process
+    some fifty-fold, so these would count many times what a real run of the same rows pays, and
+    vary with the machine's load.
     """
     wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    drain_once(code, url, "--job", kind.job, "--no-history", *(["--listener"] if listener else []), wrapper=wrapper)
+    drain_once(code, url, "--job", kind.job, "--no-clock", *(["--listener"] if listener else []), wrapper=wrapper)
     match = CALLGRIND_TOTAL.search(out.read_text())
     if match is None:
         raise RuntimeError(f"no summary or totals line in {out}")

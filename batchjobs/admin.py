@@ -24,7 +24,7 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.registry import FlagJob, Registry, parse_key, pending_condition
 from batchjobs.store import store_for
 from batchjobs.store.base import advance
-from batchjobs.timeutil import utcnow
+from batchjobs.timeutil import check_lock_timeout, utcnow
 
 ACTIONS = ("mark-done", "requeue")
 #: Above this many rows the CLI asks before changing anything (or needs --yes).
@@ -141,9 +141,7 @@ def change_rows(
     flag_job = registry.job(job)
     if chunk_size < 1:
         raise BatchJobsError(f"chunk size must be at least 1, got {chunk_size}")
-    if lock_timeout <= 0:
-        # PostgreSQL reads a lock_timeout of 0 as "wait forever", the opposite of what it says.
-        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    check_lock_timeout(lock_timeout)
     store = store_for(engine)
     ensure_schema(store.engine)
     chosen = selection.clause(flag_job)

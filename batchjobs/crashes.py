@@ -33,6 +33,7 @@ import os
 import tempfile
 import threading
 import uuid
+import zlib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -85,14 +86,18 @@ class InflightMarker:
         self.size = 0
 
     def set(self, job: str, row_keys: Sequence[str], now: datetime) -> None:
-        header = {"pid": os.getpid(), "job": job, "started_at": now.isoformat(), "count": len(row_keys)}
+        header: dict[str, Any] = {"pid": os.getpid(), "job": job, "started_at": now.isoformat(), "count": len(row_keys)}
         # A header line, then a key per line: joining strings costs a fraction of encoding a
         # hundred of them as JSON, and this is written for every chunk. A key that holds a line
         # break makes the line count come out wrong: that chunk's keys go into the header instead.
-        keys = "\n".join(row_keys)
-        if keys.count("\n") != len(row_keys) - 1:
-            header["row_keys"], keys = list(row_keys), ""
-        payload = f"{json.dumps(header)}\n{keys}\n".encode()
+        joined = "\n".join(row_keys)
+        if joined.count("\n") != len(row_keys) - 1:
+            header["row_keys"], joined = list(row_keys), ""
+        keys = joined.encode()
+        # A process killed in the middle of a write longer than a page can leave the start of
+        # this marker over the end of the last one: the checksum tells a reader.
+        header["crc32"] = zlib.crc32(keys)
+        payload = json.dumps(header).encode() + b"\n" + keys + b"\n"
         # One write at offset 0, padded over what a longer earlier marker left rather than cut
         # with a second system call: the reader takes the header's count of lines.
         self.size = max(self.size, len(payload))
@@ -126,8 +131,9 @@ def _take(path: Path) -> dict[str, Any] | None:
         except FileNotFoundError:
             return None
         try:
-            return _parse(taken.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            return _parse(taken.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("crash marker %s could not be read (%s); the crash it may tell of is not counted", path.name, error)
             return None
         finally:
             taken.unlink(missing_ok=True)
@@ -135,13 +141,16 @@ def _take(path: Path) -> dict[str, Any] | None:
         os.close(fd)
 
 
-def _parse(text: str) -> dict[str, Any]:
+def _parse(data: bytes) -> dict[str, Any]:
     """A marker's header, its ``row_keys`` read from the lines after it (see :meth:`InflightMarker.set`)."""
-    first, _, rest = text.partition("\n")
-    data = dict(json.loads(first))
-    if "row_keys" not in data:
-        data["row_keys"] = rest.split("\n")[: data["count"]]
-    return data
+    first, _, rest = data.partition(b"\n")
+    header = dict(json.loads(first))
+    if "row_keys" not in header:  # else the release before's marker, or keys with line breaks
+        lines = rest.split(b"\n")[: header["count"]]
+        if zlib.crc32(b"\n".join(lines)) != header["crc32"]:
+            raise ValueError("its keys were cut short by the end of the process that wrote them")
+        header["row_keys"] = [line.decode() for line in lines]
+    return header
 
 
 def account_abandoned(store: Store, registry: Registry, now: datetime) -> int:

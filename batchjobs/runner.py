@@ -26,7 +26,6 @@ from sqlalchemy.exc import DBAPIError
 
 from batchjobs.crashes import InflightMarker, account_abandoned, marker_dir
 from batchjobs.db import ensure_schema
-from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure, forget_stale_failures
 from batchjobs.history import record_run
 from batchjobs.registry import FlagJob, JobContext, Registry, parse_key
@@ -35,7 +34,7 @@ from batchjobs.signals import StopRequest, on_abort
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import check_max_runtime, format_duration, utcnow
+from batchjobs.timeutil import check_lock_timeout, check_max_runtime, format_duration, utcnow
 from batchjobs.watchdog import Watchdog
 
 logger = logging.getLogger("batchjobs")
@@ -69,8 +68,7 @@ def run_pending(
     failure is recorded as usual); tests use it to fail loudly.
     """
     selected = registry.select(jobs=jobs, queues=queues)
-    if lock_timeout <= 0:
-        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    check_lock_timeout(lock_timeout)
     check_max_runtime(max_runtime)
     store = store_for(engine)
     ensure_schema(store.engine)
@@ -111,8 +109,7 @@ def run_rows(
     ``record``: a run of a few rows per commit would crowd out the others.
     """
     flag_job = registry.job(job)
-    if lock_timeout <= 0:
-        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+    check_lock_timeout(lock_timeout)
     values = [parse_key(flag_job.primary_key, key) if isinstance(key, str) else key for key in keys]
     store = store_for(engine)
     ensure_schema(store.engine)

@@ -56,6 +56,13 @@ def check_max_runtime(seconds: float | None, option: str = "max_runtime") -> Non
         )
 
 
+def check_lock_timeout(seconds: float) -> None:
+    """Refuse a lock timeout that is not a positive number of seconds. PostgreSQL reads a
+    lock_timeout of 0 as "wait forever", the opposite of what it says; NaN compares as neither."""
+    if not seconds > 0:
+        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+
+
 def format_duration(seconds: float) -> str:
     """Render seconds compactly for people: ``850ms``, ``42s``, ``3m05s``, ``2h10m``, ``3d4h``."""
     if seconds < 1:

@@ -18,6 +18,11 @@ from typing import Any
 from batchjobs.savepoints import StatementCounter
 from batchjobs.store import Store
 
+#: How soon the watching thread looks again past a deadline: with no statement in flight, and
+#: after sending a cancel (each cancel on PostgreSQL opens a connection of its own).
+RETRY = 0.01
+RESEND = 0.1
+
 
 class Watchdog:
     """Cancels the statement in flight on one connection when it outlives its deadline.
@@ -65,12 +70,19 @@ class Watchdog:
                 deadline = self._deadline
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    self._deadline = None
-                    self.fired = self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight)
-                    continue
-                self._wakes_at = deadline
-                self._changed.wait(None if left is None else min(left, threading.TIMEOUT_MAX))
-                self._wakes_at = None
+                    # Past the deadline, the thread looks again until the limit ends: a deadline
+                    # of about nothing may pass before the statement reaches the server, and a
+                    # cancel can land just as one ends (psycopg's BEGIN before a claim) and end
+                    # nothing.
+                    sent = self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight)
+                    self.fired = self.fired or sent
+                    left = RESEND if sent else RETRY
+                if left is None:
+                    self._changed.wait()
+                else:
+                    self._wakes_at = time.monotonic() + left
+                    self._changed.wait(min(left, threading.TIMEOUT_MAX))
+                    self._wakes_at = None
 
     def stop(self) -> None:
         with self._changed:

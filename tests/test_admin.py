@@ -13,7 +13,7 @@ from sqlalchemy import Engine, insert, select, text, update
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
-from batchjobs import BatchJobsError, Selection, change_rows, preview_change
+from batchjobs import BatchJobsError, Selection, change_rows, preview_change, run_pending
 from batchjobs.store.tables import Failure
 
 JOB = "process_item"
@@ -194,6 +194,9 @@ def test_where_checks(engine: Engine, selection: Selection, message: str) -> Non
         preview_change(jobapp.jobs, engine, JOB, selection, "mark-done")
 
 
-def test_lock_timeout_must_be_positive(engine: Engine) -> None:
+@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
+def test_lock_timeout_must_be_positive(engine: Engine, seconds: float) -> None:
     with pytest.raises(BatchJobsError, match="more than 0"):
-        change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done", lock_timeout=0)
+        change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done", lock_timeout=seconds)
+    with pytest.raises(BatchJobsError, match="more than 0"):
+        run_pending(jobapp.jobs, engine, lock_timeout=seconds)

@@ -64,7 +64,11 @@ def test_a_row_that_kills_its_process_dies_and_the_rest_get_through(engine: Engi
     assert "row 50: 3 attempt(s) (3 ended their worker), dead" in shown.stdout
 
 
-@pytest.mark.parametrize("keys", [["7"], ["a\nb", "c"], ["", " x ", "ü"]], ids=["one", "line-break", "odd"])
+@pytest.mark.parametrize(
+    "keys",
+    [["7"], ["a\nb", "c"], ["a\rb", "c"], ["x\r", "y\r\n", "z"], ["", " x ", "ü"]],
+    ids=["one", "line-break", "carriage-return", "line-ends", "odd"],
+)
 def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: list[str]) -> None:
     """Keys are written a line each, over a longer marker of an earlier chunk; a key with a line
     break cannot be read back from lines, and is not."""
@@ -76,6 +80,24 @@ def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: li
     assert data is not None
     assert (data["job"], data["row_keys"], data["started_at"]) == ("process_item", keys, "2026-01-02T03:04:05+00:00")
     assert not marker.path.exists()  # taken: no second run counts it again
+
+
+def test_a_marker_cut_short_by_the_death_of_its_writer_is_not_misread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A write killed after its first page leaves the new header over the last chunk's keys:
+    the reader says so rather than count crashes for rows of neither chunk."""
+    now = datetime.now(timezone.utc)
+    marker = InflightMarker(tmp_path / "worker")
+    marker.set("process_item", [f"{n:08d}" for n in range(1000)], now)
+    elsewhere = InflightMarker(tmp_path / "elsewhere")
+    elsewhere.set("process_item", [f"{n:08d}" for n in range(5000, 6000)], now)
+    next_chunk = elsewhere.path.read_bytes()
+    assert len(next_chunk) > 4096
+    with marker.path.open("r+b") as written:
+        written.write(next_chunk[:4096])
+    marker.close(ended_well=False)
+    elsewhere.close(ended_well=True)
+    assert _take(marker.path) is None
+    assert "could not be read" in caplog.text and "not counted" in caplog.text
 
 
 def test_a_marker_of_the_format_before_is_read(tmp_path: Path) -> None:
@@ -189,11 +211,9 @@ def test_crash_accounting_on_sqlite_beside_another_writer(sqlite_url: str, tmp_p
     migrate(engine)
     add_items(engine, 3)
     store = store_for(engine)
-    folder = marker_dir(store)
-    folder.mkdir(parents=True)
-    (folder / "1-2-3.json").write_text(
-        '{"pid": 7, "job": "process_item", "started_at": "2026-01-02T03:04:05+00:00", "count": 1}\n2\n'
-    )
+    dead_worker = InflightMarker(marker_dir(store))
+    dead_worker.set("process_item", ["2"], datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    dead_worker.close(ended_well=False)
     other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=0.1, isolation_level=None)
     writes: list[str] = []
 

@@ -164,3 +164,17 @@ def test_a_row_done_by_others_loses_its_record(engine: Engine, tmp_path: Path) -
     with engine.begin() as conn:
         conn.execute(update(jobapp.Item).where(jobapp.Item.id == 5).values(processed=False))
     assert run_pending(failing_registry(set()), engine, clock=lambda: T0).done == 1
+
+
+def test_keys_up_to_the_largest_of_their_type_keep_their_records(engine: Engine) -> None:
+    """Integer keys of ten digits, up to 2,147,483,647, find their rows: a dead row stays dead
+    and counted, run after run, and its record is kept."""
+    largest = 2**31 - 1
+    registry = failing_registry({2_000_000_000, largest})
+    add_items(engine, 1, start=2_000_000_000)
+    add_items(engine, 1, start=largest)
+    for _ in range(2):
+        summary = run_pending(registry, engine)
+    assert (summary.done, summary.failed) == (0, 0)  # the second run found both dead
+    assert counts(registry, engine) == (2, 0, 2)
+    assert records(engine) == {"2000000000": True, str(largest): True}

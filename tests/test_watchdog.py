@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import wait_for
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
@@ -13,10 +14,12 @@ from batchjobs.store import store_for
 from batchjobs.watchdog import Watchdog
 
 
+@pytest.mark.parametrize("wait", [0.5, 0.0], ids=["sooner", "already-passed"])
 @pytest.mark.parametrize("database", ["pg_engine", "mysql_engine"])
-def test_a_deadline_sooner_than_the_one_the_watchdog_sleeps_towards_is_kept(database: str, request: pytest.FixtureRequest) -> None:
+def test_a_claim_behind_a_lock_is_cancelled_at_its_own_deadline(database: str, wait: float, request: pytest.FixtureRequest) -> None:
     """After a claim with a long wait, a claim with a short one (a run near its --max-runtime)
-    waits behind a lock: it is cancelled at its own deadline, not when the lock goes away."""
+    waits behind a lock: it is cancelled at its own deadline, not when the lock goes away, even
+    where the deadline has passed before the statement reaches the server."""
     engine: Engine = request.getfixturevalue(database)
     store = store_for(engine)
     with engine.begin() as setup:
@@ -34,9 +37,10 @@ def test_a_deadline_sooner_than_the_one_the_watchdog_sleeps_towards_is_kept(data
             try:
                 with watchdog.limit(3600):
                     connection.execute(text("SELECT 1")).scalar_one()
+                    wait_for(lambda: watchdog._wakes_at is not None, "the watchdog to sleep towards the long deadline")
                 connection.commit()
                 released.start()
-                with pytest.raises(DBAPIError), watchdog.limit(0.5):
+                with pytest.raises(DBAPIError), watchdog.limit(wait):
                     connection.execute(text("SELECT id FROM watched WHERE id = 1 FOR UPDATE")).all()
                 assert watchdog.fired
                 assert released.is_alive(), "the statement was cancelled only once the lock was gone"
@@ -44,7 +48,8 @@ def test_a_deadline_sooner_than_the_one_the_watchdog_sleeps_towards_is_kept(data
                 watchdog.stop()
     finally:
         released.cancel()
-        released.join()
+        if released.ident is not None:
+            released.join()
         holder.rollback()
         holder.close()
         with engine.begin() as cleanup:

@@ -22,7 +22,9 @@ from sqlalchemy import (
     Connection,
     Engine,
     Integer,
+    Numeric,
     Select,
+    SmallInteger,
     String,
     Table,
     any_,
@@ -32,6 +34,7 @@ from sqlalchemy import (
     column,
     event,
     func,
+    literal_column,
     null,
     select,
     text,
@@ -233,17 +236,26 @@ $$"""
     def key_from_text(self, key: ColumnElement[Any], text_key: ColumnElement[str]) -> ColumnElement[Any]:
         # PostgreSQL's casts raise on text that is no such value (MySQL's and SQLite's do not): a
         # record whose key cannot be the job's (written by hand, or before the key's type
-        # changed) would fail every statement that looks its row up. Whole numbers short enough
-        # for their type and UUIDs are checked first; other types keep the cast.
+        # changed) would fail every statement that looks its row up. Whole numbers in their
+        # type's range and UUIDs are checked first; other types keep the cast.
         python_type = _python_type(key.type)
-        if python_type is int:
-            digits = 9 if isinstance(key.type, Integer) and not isinstance(key.type, BigInteger) else 18
-            pattern = f"^[+-]?[0-9]{{1,{digits}}}$"
-        elif python_type is uuid.UUID:
-            pattern = "^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$"
-        else:
+        if python_type is uuid.UUID:
+            is_uuid = text_key.regexp_match("^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+            return case((is_uuid, cast(text_key, key.type)), else_=null())
+        if python_type is not int:
             return cast(text_key, key.type)
-        return case((text_key.regexp_match(pattern), cast(text_key, key.type)), else_=null())
+        if isinstance(key.type, SmallInteger):
+            bits = 16
+        elif isinstance(key.type, Integer) and not isinstance(key.type, BigInteger):
+            bits = 32
+        else:
+            bits = 64
+        # The digits first, then the range through numeric, which any such text casts to. The
+        # CASEs nest: PostgreSQL evaluates a CASE's result only where its condition holds.
+        lowest = literal_column(str(-(2 ** (bits - 1))), Numeric())
+        in_range = cast(text_key, Numeric()).between(lowest, literal_column(str(2 ** (bits - 1) - 1), Numeric()))
+        whole_number = text_key.regexp_match("^[+-]?[0-9]{1,19}$")
+        return case((whole_number, case((in_range, cast(text_key, key.type)), else_=null())), else_=null())
 
     def key_list(self, column: ColumnElement[Any], keys: Iterable[Any], bound: SQLADialect) -> Any:
         # The column type's own conversion first, as for any parameter: a UUID stored as 32 hex

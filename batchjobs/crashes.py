@@ -131,7 +131,8 @@ def _take(path: Path) -> dict[str, Any] | None:
         except FileNotFoundError:
             return None
         try:
-            return _parse(taken.read_bytes())
+            data = taken.read_bytes()
+            return _parse(data) if data else None  # its worker never started a chunk
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("crash marker %s could not be read (%s); the crash it may tell of is not counted", path.name, error)
             return None

@@ -100,6 +100,15 @@ def test_a_marker_cut_short_by_the_death_of_its_writer_is_not_misread(tmp_path: 
     assert "could not be read" in caplog.text and "not counted" in caplog.text
 
 
+def test_the_empty_marker_of_a_worker_that_never_started_a_chunk_is_skipped_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = InflightMarker(tmp_path)
+    marker.close(ended_well=False)
+    assert _take(marker.path) is None
+    assert not marker.path.exists() and caplog.text == ""
+
+
 def test_a_marker_of_the_format_before_is_read(tmp_path: Path) -> None:
     """A worker of the previous release wrote its marker as one JSON object."""
     path = tmp_path / "1-2-3.json"

@@ -134,8 +134,8 @@ class Tag(UuidBase):
 
 
 def test_text_keys_the_server_orders_unlike_python(db_url: str) -> None:
-    """A walk over text keys in a collation's order: every chunk ends on a key that Python would
-    sort before the key the chunk before ended on ('c', then 'F'), and the walk goes on."""
+    """A walk over text keys in a collation's order: every other chunk ends on a key that Python
+    sorts before the key the chunk before ended on ('c', then 'F'), and the walk goes on."""
     from batchjobs.db import create_engine
 
     engine = create_engine(db_url)

@@ -24,7 +24,7 @@ from batchjobs.errors import BatchJobsError
 from batchjobs.registry import FlagJob, Registry, parse_key, pending_condition
 from batchjobs.store import store_for
 from batchjobs.store.base import advance
-from batchjobs.timeutil import check_lock_timeout, utcnow
+from batchjobs.timeutil import check_seconds, utcnow
 
 ACTIONS = ("mark-done", "requeue")
 #: Above this many rows the CLI asks before changing anything (or needs --yes).
@@ -141,7 +141,7 @@ def change_rows(
     flag_job = registry.job(job)
     if chunk_size < 1:
         raise BatchJobsError(f"chunk size must be at least 1, got {chunk_size}")
-    check_lock_timeout(lock_timeout)
+    check_seconds(lock_timeout, "lock timeout")
     store = store_for(engine)
     ensure_schema(store.engine)
     chosen = selection.clause(flag_job)

@@ -34,7 +34,7 @@ from batchjobs.signals import StopRequest, on_abort
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import ChunkStatements, advance
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import check_lock_timeout, check_max_runtime, format_duration, utcnow
+from batchjobs.timeutil import check_max_runtime, check_seconds, format_duration, utcnow
 from batchjobs.watchdog import Watchdog
 
 logger = logging.getLogger("batchjobs")
@@ -68,7 +68,7 @@ def run_pending(
     failure is recorded as usual); tests use it to fail loudly.
     """
     selected = registry.select(jobs=jobs, queues=queues)
-    check_lock_timeout(lock_timeout)
+    check_seconds(lock_timeout, "lock timeout")
     check_max_runtime(max_runtime)
     store = store_for(engine)
     ensure_schema(store.engine)
@@ -109,7 +109,7 @@ def run_rows(
     ``record``: a run of a few rows per commit would crowd out the others.
     """
     flag_job = registry.job(job)
-    check_lock_timeout(lock_timeout)
+    check_seconds(lock_timeout, "lock timeout")
     values = [parse_key(flag_job.primary_key, key) if isinstance(key, str) else key for key in keys]
     store = store_for(engine)
     ensure_schema(store.engine)

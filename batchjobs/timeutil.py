@@ -48,6 +48,8 @@ MIN_RUNTIME = 1.0
 
 def check_max_runtime(seconds: float | None, option: str = "max_runtime") -> None:
     """Refuse a run time limit too short to handle anything (see :data:`MIN_RUNTIME`)."""
+    if seconds is not None and math.isnan(seconds):
+        raise BatchJobsError(f"{option or 'the run time limit'} must be a number of seconds, e.g. 55s")
     if seconds is not None and seconds < MIN_RUNTIME:
         label = f"{option}={format_duration(seconds)}" if option else format_duration(seconds)
         raise BatchJobsError(
@@ -56,11 +58,12 @@ def check_max_runtime(seconds: float | None, option: str = "max_runtime") -> Non
         )
 
 
-def check_lock_timeout(seconds: float) -> None:
-    """Refuse a lock timeout that is not a positive number of seconds. PostgreSQL reads a
-    lock_timeout of 0 as "wait forever", the opposite of what it says; NaN compares as neither."""
-    if not seconds > 0:
-        raise BatchJobsError("the lock timeout must be more than 0, e.g. 5s")
+def check_seconds(seconds: float, what: str, example: str = "5s") -> None:
+    """Refuse a wait or interval that is not a finite number of seconds above 0: PostgreSQL reads
+    a lock_timeout of 0 as "wait forever", the opposite of what it says, and NaN, neither more
+    nor less than anything, would make every deadline one that never comes."""
+    if not 0 < seconds < math.inf:
+        raise BatchJobsError(f"the {what} must be more than 0, e.g. {example}")
 
 
 def format_duration(seconds: float) -> str:

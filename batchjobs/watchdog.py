@@ -9,6 +9,7 @@ claims are watched: they come before any handler runs, so a cancelled claim lose
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from typing import Any
 
 from batchjobs.savepoints import StatementCounter
 from batchjobs.store import Store
+
+logger = logging.getLogger("batchjobs")
 
 #: How soon the watching thread looks again past a deadline: with no statement in flight, and
 #: after sending a cancel (each cancel on PostgreSQL opens a connection of its own).
@@ -37,6 +40,7 @@ class Watchdog:
         self.dbapi_connection = dbapi_connection
         self.statements = statements
         self.fired = False
+        self._cancel_failed = False  # since the limit began; said once
         self._deadline: float | None = None
         # When the thread wakes next by itself; None while it sleeps until woken.
         self._wakes_at: float | None = None
@@ -50,7 +54,7 @@ class Watchdog:
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="batchjobs-watchdog", daemon=True)
             self._thread.start()
-        self.fired = False
+        self.fired = self._cancel_failed = False
         with self._changed:
             self._deadline = deadline = time.monotonic() + seconds
             # Deadlines mostly come later than the one the thread sleeps towards: it wakes then,
@@ -74,9 +78,16 @@ class Watchdog:
                     # of about nothing may pass before the statement reaches the server, and a
                     # cancel can land just as one ends (psycopg's BEGIN before a claim) and end
                     # nothing.
-                    sent = self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight)
-                    self.fired = self.fired or sent
-                    left = RESEND if sent else RETRY
+                    try:
+                        sent = self.store.cancel_running_statement(self.dbapi_connection, self.statements.in_flight)
+                    except Exception as error:  # noqa: BLE001 - the thread must outlive a failed cancel
+                        # A thread that died here would leave every later claim unbounded.
+                        if not self._cancel_failed:
+                            logger.warning("could not cancel a statement past its deadline (%s); trying again", error)
+                        self._cancel_failed, left = True, RESEND
+                    else:
+                        self.fired = self.fired or sent
+                        left = RESEND if sent else RETRY
                 if left is None:
                     self._changed.wait()
                 else:

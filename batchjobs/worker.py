@@ -33,7 +33,7 @@ from batchjobs.signals import StopRequest
 from batchjobs.store import Store, store_for
 from batchjobs.store.base import Listener
 from batchjobs.summary import JobStats, RunSummary
-from batchjobs.timeutil import format_duration, utcnow
+from batchjobs.timeutil import check_seconds, format_duration, utcnow
 
 logger = logging.getLogger("batchjobs")
 
@@ -72,8 +72,7 @@ def run_worker(
     """
     selected = registry.select(jobs=jobs, queues=queues)
     for value, what in ((poll_every, "poll interval"), (backstop_every, "backstop interval"), (lock_timeout, "lock timeout")):
-        if value <= 0:
-            raise BatchJobsError(f"the {what} must be more than 0, e.g. 1s")
+        check_seconds(value, what, "1s")
     if max_rows is not None and max_rows < 1:
         raise BatchJobsError(f"max rows must be at least 1, got {max_rows}")
     store = store_for(engine)

@@ -15,6 +15,7 @@ from test_run_pending import add_items, processed
 
 from batchjobs import BatchJobsError, Selection, change_rows, preview_change, run_pending
 from batchjobs.store.tables import Failure
+from batchjobs.worker import run_worker
 
 JOB = "process_item"
 
@@ -194,9 +195,16 @@ def test_where_checks(engine: Engine, selection: Selection, message: str) -> Non
         preview_change(jobapp.jobs, engine, JOB, selection, "mark-done")
 
 
-@pytest.mark.parametrize("seconds", [0, -1, float("nan")])
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf")])
 def test_lock_timeout_must_be_positive(engine: Engine, seconds: float) -> None:
     with pytest.raises(BatchJobsError, match="more than 0"):
         change_rows(jobapp.jobs, engine, JOB, Selection(everything=True), "mark-done", lock_timeout=seconds)
     with pytest.raises(BatchJobsError, match="more than 0"):
         run_pending(jobapp.jobs, engine, lock_timeout=seconds)
+    with pytest.raises(BatchJobsError, match="more than 0"):
+        run_worker(jobapp.jobs, engine, lock_timeout=seconds, max_runtime=1)
+
+
+def test_a_run_time_limit_must_be_a_number(engine: Engine) -> None:
+    with pytest.raises(BatchJobsError, match="must be a number of seconds"):
+        run_pending(jobapp.jobs, engine, max_runtime=float("nan"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+import psycopg
 import pytest
 from conftest import wait_for
 from sqlalchemy import Engine, text
@@ -54,3 +56,61 @@ def test_a_claim_behind_a_lock_is_cancelled_at_its_own_deadline(database: str, w
         holder.close()
         with engine.begin() as cleanup:
             cleanup.execute(text("DROP TABLE watched"))
+
+
+class _FirstCancelFails:
+    """A psycopg connection whose first cancel request fails, as one can when the server takes
+    no new connection for it."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+        self.cancels = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+    def cancel(self) -> None:
+        self.cancels += 1
+        if self.cancels == 1:
+            raise psycopg.OperationalError("connection refused")
+        self._connection.cancel()
+
+
+def test_the_watchdog_outlives_a_cancel_that_fails(pg_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The claim is still cancelled, by the next try, and the failure is said once."""
+    store = store_for(pg_engine)
+    with pg_engine.begin() as setup:
+        setup.execute(text("CREATE TABLE watched (id INTEGER PRIMARY KEY)"))
+        setup.execute(text("INSERT INTO watched VALUES (1)"))
+    holder = pg_engine.connect()
+    holder.begin()
+    holder.execute(text("UPDATE watched SET id = 1 WHERE id = 1"))
+    released = threading.Timer(20, holder.rollback)
+    try:
+        with pg_engine.connect() as connection:
+            flaky = _FirstCancelFails(connection.connection.dbapi_connection)
+            watchdog = Watchdog(store, flaky, StatementCounter(connection, store))
+            try:
+                released.start()
+                with pytest.raises(DBAPIError), watchdog.limit(0.2):
+                    connection.execute(text("SELECT id FROM watched WHERE id = 1 FOR UPDATE")).all()
+                assert watchdog.fired and flaky.cancels >= 2
+                assert released.is_alive(), "the statement was cancelled only once the lock was gone"
+            finally:
+                watchdog.stop()
+    finally:
+        released.cancel()
+        if released.ident is not None:
+            released.join()
+        holder.rollback()
+        holder.close()
+        with pg_engine.begin() as cleanup:
+            cleanup.execute(text("DROP TABLE watched"))
+    assert caplog.text.count("could not cancel a statement past its deadline (connection refused)") == 1
+
+
+def test_a_lock_timeout_under_a_millisecond_is_not_read_as_none(pg_engine: Engine) -> None:
+    """PostgreSQL reads a lock_timeout of 0 as no limit at all."""
+    with pg_engine.begin() as connection:
+        store_for(pg_engine).limit_lock_wait(connection, 0.0005)
+        assert connection.execute(text("SHOW lock_timeout")).scalar_one() == "1ms"

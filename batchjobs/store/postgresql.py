@@ -7,6 +7,7 @@ of hosts take disjoint rows, and inserts into tables that reference a claimed ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import struct
@@ -251,7 +252,8 @@ $$"""
         else:
             bits = 64
         # The digits first, then the range through numeric, which any such text casts to. The
-        # CASEs nest: PostgreSQL evaluates a CASE's result only where its condition holds.
+        # CASEs nest: for a column or a bound parameter, as here, PostgreSQL evaluates a CASE's
+        # result only where its condition holds (an untyped literal it would cast at once).
         lowest = literal_column(str(-(2 ** (bits - 1))), Numeric())
         in_range = cast(text_key, Numeric()).between(lowest, literal_column(str(2 ** (bits - 1) - 1), Numeric()))
         whole_number = text_key.regexp_match("^[+-]?[0-9]{1,19}$")
@@ -265,7 +267,8 @@ $$"""
         return json.dumps([process(key) for key in keys] if process else list(keys), default=str)
 
     def limit_lock_wait(self, connection: Connection | Session, seconds: float) -> None:
-        connection.execute(text(f"SET LOCAL lock_timeout = '{int(seconds * 1000)}ms'"))
+        # Whole milliseconds, at least 1: PostgreSQL reads 0 as no limit at all.
+        connection.execute(text(f"SET LOCAL lock_timeout = '{max(1, math.ceil(seconds * 1000))}ms'"))
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available

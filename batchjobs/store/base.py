@@ -760,12 +760,10 @@ class ChunkStatements:
         self.claim = self.with_states(self.claim_statement(limit), suspects=True)
         self.claim_after = self.with_states(self.claim_statement(limit, keyset_walk=True), suspects=True)
         self.claim_suspect = self.with_states(self.suspect_statement(), suspects=False)
-        self.failures = select(Failure.row_key, Failure.attempts, held_back()).where(
-            Failure.job == job.name, store.key_in(FAILURES.c.row_key)
-        )
-        self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back(suspects=False)).where(
-            Failure.job == job.name, store.key_in(FAILURES.c.row_key)
-        )
+        if not self.states_in_claim:
+            of_these_rows = and_(Failure.job == job.name, self.failure_keys())
+            self.failures = select(Failure.row_key, Failure.attempts, held_back()).where(of_these_rows)
+            self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back(suspects=False)).where(of_these_rows)
         self.mark = (
             update(job.table)
             .where(store.key_in(job.primary_key))
@@ -921,10 +919,18 @@ class ChunkStatements:
         claim's snapshot was taken. Skipping rows held back here means
         a row is never attempted twice by overlapping runs before its backoff has passed.
         """
-        keys_param = self.store.key_list(FAILURES.c.row_key, keys, connection.dialect)
-        params = {KEYS: keys_param, "now": now, "run_started": run_started}
+        params = {KEYS: self.failure_keys_value(keys, connection.dialect), "now": now, "run_started": run_started}
         rows = connection.execute(self.suspect_failures if suspect else self.failures, params)
         return {key: (attempts, bool(held)) for key, attempts, held in rows}
+
+    def failure_keys(self) -> ColumnElement[bool]:
+        """Which records :meth:`failure_states` reads: those of the row keys bound as :data:`KEYS`,
+        in the form :meth:`failure_keys_value` gives them."""
+        return self.store.key_in(FAILURES.c.row_key)
+
+    def failure_keys_value(self, keys: Sequence[str], bound: SQLADialect) -> Any:
+        """The value bound to :meth:`failure_keys`' parameter for these row keys."""
+        return self.store.key_list(FAILURES.c.row_key, keys, bound)
 
     def mark_done(self, connection: Connection, keys: Sequence[Any], now: datetime) -> None:
         """Set the flag (and ``done_at``) on these rows: one UPDATE for the whole chunk."""

@@ -336,27 +336,17 @@ class MySQLChunkStatements(ChunkStatements):
     #: Whether the database was asked for an index to seek in (once per run, at the first keyset claim).
     looked_up = False
 
-    def __init__(self, store: Store, job: FlagJob, limit: int) -> None:
-        super().__init__(store, job, limit)
-        # The re-check's keys travel as one JSON array, read by JSON_TABLE, rather than as a
-        # hundred parameters of an IN list: the statement text is the same for every chunk, and
-        # the driver escapes one string instead of a hundred. Not so the mark: an UPDATE joined
-        # to JSON_TABLE may read the table first, and wait for rows another run holds; MariaDB
-        # before 11.1 runs "IN (subquery)" of a single-table UPDATE for every row of the table.
-        row_keys = FAILURES.c.row_key.in_(select(_json_keys("VARCHAR(255)").c.k))
-        self.failures = select(Failure.row_key, Failure.attempts, held_back_condition()).where(
-            Failure.job == job.name, row_keys
-        )
-        self.suspect_failures = select(Failure.row_key, Failure.attempts, held_back_condition(suspects=False)).where(
-            Failure.job == job.name, row_keys
-        )
+    # The re-check's keys travel as one JSON array, read by JSON_TABLE, rather than as a hundred
+    # parameters of an IN list: the statement text is the same for every chunk, and the driver
+    # escapes one string instead of a hundred. Not so the mark: an UPDATE joined to JSON_TABLE
+    # may read the table first, and wait for rows another run holds; MariaDB before 11.1 runs
+    # "IN (subquery)" of a single-table UPDATE for every row of the table.
 
-    def failure_states(
-        self, connection: Connection, keys: Sequence[str], now: datetime, run_started: datetime, *, suspect: bool = False
-    ) -> dict[str, tuple[int, bool]]:
-        params = {KEYS: json.dumps(list(keys)), "now": now, "run_started": run_started}
-        rows = connection.execute(self.suspect_failures if suspect else self.failures, params)
-        return {key: (attempts, bool(held)) for key, attempts, held in rows}
+    def failure_keys(self) -> ColumnElement[bool]:
+        return FAILURES.c.row_key.in_(select(_json_keys("VARCHAR(255)").c.k))
+
+    def failure_keys_value(self, keys: Sequence[str], bound: Dialect) -> Any:
+        return json.dumps(list(keys))
 
     def claim_statement(self, limit: int, *, keyset_walk: bool = False) -> Select[Any]:
         """The claim of :meth:`ChunkStatements.claim_statement`, whose per-row failure lookup runs

@@ -79,12 +79,10 @@ def drain(url: str, job: str, listener: bool, clock: bool) -> float:
     engine = create_engine(url)  # an app has its engine already; only run_pending is timed
     try:
         started = time.perf_counter()
-        if clock:
-            run_pending(benchapp.jobs, engine, jobs=[job], batch_size=benchapp.BATCH_SIZE)
-        else:
-            # No run history (its heartbeats come every few seconds) and no chunk committed early
-            # for taking over a second: what the run does then depends on the rows alone.
-            run_pending(benchapp.jobs, engine, jobs=[job], batch_size=benchapp.BATCH_SIZE, commit_interval=3600, record=False)
+        # Without the clock: no run history (its heartbeats come every few seconds) and no chunk
+        # committed early for taking over a second, so what the run does depends on the rows alone.
+        unclocked: dict[str, Any] = {} if clock else {"commit_interval": 3600, "record": False}
+        run_pending(benchapp.jobs, engine, jobs=[job], batch_size=benchapp.BATCH_SIZE, **unclocked)
         return time.perf_counter() - started
     finally:
         engine.dispose()

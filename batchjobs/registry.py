@@ -15,7 +15,7 @@ from sqlalchemy.orm.properties import MappedColumn
 
 from batchjobs.errors import BatchJobsError
 from batchjobs.failures import Backoff
-from batchjobs.store.base import PENDING_FLAG
+from batchjobs.store.base import PENDING_FLAG, value_type
 
 Handler = Callable[..., Any]
 #: The decorated function's own type: the decorators hand it back unchanged, so type checkers
@@ -46,11 +46,8 @@ def _column(flag: InstrumentedAttribute[Any] | Column[Any]) -> Column[Any]:
 
 def parse_key(column: Column[Any], text: str) -> Any:
     """A primary key typed on the command line (or stored as text), as the column's Python type."""
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
-        return text
-    if python_type is str:
+    python_type = value_type(column.type)
+    if python_type is None or python_type is str:
         return text
     try:
         return python_type(text)

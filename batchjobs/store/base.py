@@ -74,6 +74,14 @@ ROW_KEY = "batchjobs_row_key"
 PENDING_FLAG = "batchjobs_pending_flag"
 
 
+def value_type(type_: Any) -> type | None:
+    """The Python type of a column type's values, or None where SQLAlchemy knows of none."""
+    try:
+        return type_.python_type  # type: ignore[no-any-return]
+    except NotImplementedError:
+        return None
+
+
 def row_key_sql(job: FlagJob) -> ColumnElement[str]:
     """The row's primary key as text, the form failure records are keyed by."""
     return cast(job.primary_key, String)

@@ -46,19 +46,12 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.dml import Insert
 
 from batchjobs.errors import BatchJobsError
-from batchjobs.store.base import KEYS, ROW_KEY, ChunkStatements, Listener, Store
+from batchjobs.store.base import KEYS, ROW_KEY, ChunkStatements, Listener, Store, value_type
 from batchjobs.store.base import held_back as held_back_condition
 from batchjobs.store.tables import FAILURES
 
 if TYPE_CHECKING:
     from batchjobs.registry import FlagJob
-
-
-def _python_type(type_: Any) -> type | None:
-    try:
-        return type_.python_type  # type: ignore[no-any-return]
-    except NotImplementedError:
-        return None
 
 
 #: The channel batchjobs' triggers notify and workers LISTEN on; the payload is the table's name.
@@ -239,7 +232,7 @@ $$"""
         # record whose key cannot be the job's (written by hand, or before the key's type
         # changed) would fail every statement that looks its row up. Whole numbers in their
         # type's range and UUIDs are checked first; other types keep the cast.
-        python_type = _python_type(key.type)
+        python_type = value_type(key.type)
         if python_type is uuid.UUID:
             is_uuid = text_key.regexp_match("^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
             return case((is_uuid, cast(text_key, key.type)), else_=null())

@@ -51,6 +51,12 @@ class Selection:
             return pk.in_([parse_key(pk, key) for key in self.keys])
         if self.id_range is not None:
             low, high = (parse_key(pk, end) for end in self.id_range)
+            # Text keys are left to the database: its collation, not Python's, orders them.
+            if not isinstance(low, str) and low > high:
+                first, last = self.id_range
+                raise BatchJobsError(
+                    f"the key range {first}:{last} is empty: its first key is above its last (write {last}:{first})"
+                )
             return pk.between(low, high)
         if self.where is not None:
             return self._where()

@@ -109,6 +109,8 @@ def run_check(
     """
     now = now or utcnow()
     chosen = {job.name for job in registry.select(jobs=jobs)}
+    if queue is not None:
+        registry.select(queues=[queue])  # a queue no job serves: a typo, not an outage
     with connection_for(bind) as connection:
         current = status(registry, connection, now=now)
         latest = last_run(registry, connection, job=jobs[0] if len(jobs) == 1 else None, now=now)
@@ -160,7 +162,7 @@ def run_check(
     else:
         # A live worker is a run that never stops: its jobs were just looked at.
         since = 0.0 if workers else max((now - latest.started_at).total_seconds(), 0.0)
-        last = f"last run {format_duration(since)} ago ({latest.outcome})"
+        last = f"{len(workers)} live worker(s)" if workers else f"last run {format_duration(since)} ago ({latest.outcome})"
         judge(max_since_last_run, since, f"last run started {format_duration(since)} ago", True)
         perfdata.append(f"since_last_run={max_since_last_run.perf(round(since), 's')}")
     summary = f"{len(chosen)} job(s): {pending_total} pending, {dead_total} dead, {last}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -285,6 +286,12 @@ def _drive(
     # Threads share the engine's pool: one connection each, one for the run history, and a
     # worker's one to listen on.
     engine = state.engine(pool_size=2 * concurrency + 1) if pool == "thread" and concurrency > 1 else state.engine()
+    if kind == "worker" and log_format == "text":
+        # A worker may wait silently for hours: say at once that it is up, and with what.
+        names = ", ".join(job.name for job in registry.select(jobs=jobs, queues=queues))
+        plural = {"process": "processes", "thread": "threads"}.get(pool, pool)
+        several = f" in {concurrency} {plural}" if concurrency > 1 else ""
+        click.echo(f"batchjobs worker: handling {names}{several}; stop with Ctrl-C or SIGTERM", err=True)
     try:
         # SIGHUP (a worker under systemd, a closed terminal) is a request to stop politely, never a crash.
         with stop_on_signals(hangup=True) as stop:
@@ -466,11 +473,15 @@ def demo_command(state: _State, demo_url: str | None, signups: int, outbox: Path
     click.echo(f"  run-pending: {report.first_run.line()}")
     click.echo(f"  {report.first_run.done} welcome emails delivered to {report.delivered_to}")
     if report.first_run.failed:
-        click.echo(f"  {report.first_run.failed} deliveries failed and will be retried with backoff: see `failures` below")
+        click.echo(
+            f"  {report.first_run.failed} deliveries failed and will be retried with backoff: "
+            "the `failures` command below lists them"
+        )
     click.echo(
         f"  {report.waiting} users wait for their email confirmation (the job's where= filter skips them until then)"
     )
-    click.echo(f"  a second run-pending found {report.second_run.done} rows to do: each user is emailed once")
+    second = f"  a second run-pending found {report.second_run.done + report.second_run.failed} rows to do: "
+    click.echo(second + ("the failed ones wait out their backoff" if report.first_run.failed else "each user is emailed once"))
     click.echo("")
     click.echo("Try the commands cron and operators use:")
     if url is None:
@@ -479,8 +490,12 @@ def demo_command(state: _State, demo_url: str | None, signups: int, outbox: Path
         # The URL may hold a password: it is not printed, the commands read it from the environment.
         click.echo("  export BATCHJOBS_DATABASE_URL=...   # the URL you gave the demo")
         where = ""
+    # run-pending sends emails too: to the demo's outbox, wherever that was.
+    moved = report.outbox is not None and Path(report.outbox) != Path("outbox")
+    outbox_env = f"OUTBOX_DIR={shlex.quote(str(report.outbox))} " if moved else ""
     for command in ("status", "failures", "run-pending --max-runtime 55s"):
-        click.echo(f"  batchjobs -A {APP}{where} {command}")
+        prefix = outbox_env if command.startswith("run-pending") else ""
+        click.echo(f"  {prefix}batchjobs -A {APP}{where} {command}")
 
 
 def _age(seconds: float) -> str:
@@ -916,6 +931,8 @@ def check_command(
         return Threshold.parse(text, option, duration) if text is not None else NO_LIMIT
 
     try:
+        if queue is not None and min_workers is None:
+            raise BatchJobsError("--queue only counts workers: give it with --min-workers")
         thresholds: dict[str, Any] = {
             "max_pending": limit(max_pending, "--max-pending"),
             "max_pending_age": limit(max_pending_age, "--max-pending-age", duration=True),

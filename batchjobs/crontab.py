@@ -199,8 +199,9 @@ class _Schedule:
             f"ExecStart={self.exec_start(queue)}",
         ]
         if self.log:
-            # stderr follows stdout by default, like `>> LOG 2>&1` in the crontab.
-            lines.append(f"StandardOutput=append:{_specifiers(self.log)}")
+            # stderr on the same descriptor, like `>> LOG 2>&1` in the crontab: said, not left to
+            # the manager's DefaultStandardError, which a host may have set to the journal.
+            lines += [f"StandardOutput=append:{_specifiers(self.log)}", "StandardError=inherit"]
         return lines
 
     @staticmethod

@@ -28,6 +28,8 @@ class DemoReport:
     second_run: RunSummary
     waiting: int
     delivered_to: str
+    #: The folder the emails went to, or None when they went to $SMTP_URL.
+    outbox: str | None
 
 
 def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path = Path("outbox")) -> DemoReport:
@@ -60,7 +62,10 @@ def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path =
         second = run_pending(jobs, engine)
         with Session(engine) as session:
             waiting = session.scalar(
-                select(func.count()).where(User.welcome_email_sent.is_(False), User.email_confirmed.is_(False))
+                # This demo's signups only: a demo run again in the same folder adds to the last one's.
+                select(func.count()).where(
+                    User.id >= first_id, User.welcome_email_sent.is_(False), User.email_confirmed.is_(False)
+                )
             )
     finally:
         engine.dispose()
@@ -73,4 +78,5 @@ def run_demo(database_url: str | None = None, signups: int = 300, outbox: Path =
         second_run=second,
         waiting=waiting or 0,
         delivered_to=mask_url(os.environ["SMTP_URL"]) if os.environ.get("SMTP_URL") else os.environ["OUTBOX_DIR"],
+        outbox=None if os.environ.get("SMTP_URL") else os.environ["OUTBOX_DIR"],
     )

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Boolean, Connection, Engine
+from sqlalchemy import Boolean, Connection, Engine, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from batchjobs.db import ensure_schema, first_line
@@ -141,7 +141,7 @@ class _Worker:
             try:
                 self.serve()
             except DBAPIError as error:
-                if not _lost(error):
+                if not self.lost(error):
                     raise
                 if not self.down:
                     line = first_line(error, self.store.engine.url)
@@ -207,15 +207,26 @@ class _Worker:
                 return tables
         return set()
 
+    def lost(self, error: DBAPIError) -> bool:
+        """Whether the error means the database went away (worth reconnecting), not a bug."""
+        if error.connection_invalidated:
+            return True
+        if not isinstance(error, OperationalError):
+            return False
+        # SQLite and MySQL call errors in the app's own schema (no such table, unknown column)
+        # operational too: deployed before its migration, a worker would reconnect forever. The
+        # database is away only if it does not answer now.
+        try:
+            with self.store.engine.connect() as connection:
+                connection.scalar(select(1))
+        except DBAPIError:
+            return True
+        return False
+
     def sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds
         while not self.done() and time.monotonic() < until:
             time.sleep(min(SLICE, max(until - time.monotonic(), 0.0)))
-
-
-def _lost(error: DBAPIError) -> bool:
-    """Whether the error means the database went away (worth reconnecting), not a bug."""
-    return bool(error.connection_invalidated) or isinstance(error, OperationalError)
 
 
 def trigger_sql(registry: Registry, engine: Engine, *, drop: bool = False) -> list[str]:

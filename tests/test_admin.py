@@ -117,6 +117,7 @@ def test_cli_big_change_needs_yes_without_a_terminal(engine: Engine) -> None:
     [
         (["mark-done", "process_item"], "choose exactly one selection"),
         (["mark-done", "process_item", "--id-range", "5"], "use FIRST:LAST"),
+        (["requeue", "process_item", "--id-range", "30:1"], "the key range 30:1 is empty: its first key is above its last (write 1:30)"),
         (["mark-done", "process_item", "--where", "id = :x", "--param", "x"], "use name=value"),
         (["mark-done", "process_item", "--all", "--param", "x=1"], "--param only goes with --where"),
         (["mark-done", "nope", "--all"], "unknown job 'nope'"),

@@ -226,7 +226,7 @@ def test_systemd_has_a_service_and_a_timer_per_queue(tmp_path: Path) -> None:
     assert "EnvironmentFile=-/etc/batchjobs.env" in service
     command = f"{sys.executable} -m batchjobs -A jobapp:jobs run-pending --queue mail --max-runtime 55s"
     assert f"ExecStart={command}" in service
-    assert f"StandardOutput=append:{log}" in service
+    assert f"StandardOutput=append:{log}" in service and "StandardError=inherit" in service
     timer = units["batchjobs-mail.timer"].splitlines()
     for setting in ("OnCalendar=minutely", "AccuracySec=1s", "Persistent=false", "WantedBy=timers.target"):
         assert setting in timer

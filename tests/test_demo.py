@@ -63,6 +63,7 @@ def test_demo_reports_failed_deliveries(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert "0 welcome emails delivered" in result.stdout
     assert "9 deliveries failed and will be retried with backoff" in result.stdout
+    assert "a second run-pending found 0 rows to do: the failed ones wait out their backoff" in result.stdout
     assert "ConnectionRefusedError" in result.stderr
 
 
@@ -94,4 +95,21 @@ def test_demo_sends_through_smtp(smtp_server: tuple[str, list[email.message.Mess
     assert result.returncode == 0, result.stderr
     assert f"27 welcome emails delivered to {url}" in result.stdout
     assert sorted(int(m["X-User-Id"]) for m in received) == [n for n in range(1, 31) if n % 10]
+    assert not (tmp_path / "outbox").exists()
+
+
+def test_a_second_demo_in_the_same_folder_counts_its_own_signups(tmp_path: Path) -> None:
+    assert run_cli("demo", "--signups", "20", cwd=tmp_path).returncode == 0
+    again = run_cli("demo", "--signups", "20", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "20 users signed up; 2 have not confirmed" in again.stdout
+    assert "2 users wait for their email confirmation" in again.stdout, again.stdout
+    assert len(list((tmp_path / "outbox").glob("*.eml"))) == 36
+
+
+def test_the_suggested_run_pending_writes_to_the_demos_own_outbox(tmp_path: Path) -> None:
+    result = run_cli("demo", "--signups", "10", "--outbox", "mail out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    suggested = [line.strip() for line in result.stdout.splitlines() if "run-pending" in line and "batchjobs -A" in line]
+    assert suggested and suggested[0].startswith("OUTBOX_DIR='mail out' batchjobs -A "), result.stdout
     assert not (tmp_path / "outbox").exists()

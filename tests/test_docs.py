@@ -139,3 +139,15 @@ def test_console_commands_use_real_options() -> None:
                     wrong.append(f"{page.name}: {line}: {result.output.strip().splitlines()[-1]}")
     assert checked >= 30
     assert not wrong, "\n".join(wrong)
+
+
+def test_shown_migrate_output_names_the_newest_revision() -> None:
+    """The pages show `batchjobs migrate` reaching batchjobs' newest revision, as it does."""
+    versions = DOCS.parent / "migrations" / "versions"
+    newest = max(path.name.split("_")[0] for path in versions.glob("[0-9]*.py"))
+    shown = re.compile(r"^\s*batchjobs tables (?:upgraded from revision \S+ to|are up to date \(revision|at revision) (\d+)", re.MULTILINE)
+    found = {
+        (page.name, revision) for page in sorted(DOCS.rglob("*.md")) for revision in shown.findall(page.read_text(encoding="utf-8"))
+    }
+    assert len(found) >= 4, found
+    assert {revision for _, revision in found} == {newest}, found

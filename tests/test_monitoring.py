@@ -150,6 +150,9 @@ def test_check_exit_codes_from_the_cli(known: Engine) -> None:
         ["check", "--max-pending", "9,3"],
         ["check", "--no-such-option"],
         ["check", "--job", "nope"],
+        # A typo in a monitoring config must not read as "no workers" nor pass silently.
+        ["check", "--min-workers", "1", "--queue", "nosuch"],
+        ["check", "--queue", "items"],
     ],
 )
 def test_check_unknown(args: list[str], known: Engine) -> None:
@@ -157,6 +160,7 @@ def test_check_unknown(args: list[str], known: Engine) -> None:
     result = run_cli("-A", "jobapp:jobs", *args, env=env)
     assert result.returncode == UNKNOWN, result.stdout + result.stderr
     assert result.stdout.startswith("BATCHJOBS UNKNOWN - ") and len(result.stdout.strip().splitlines()) == 1
+    assert "nosuch" not in args or "unknown queue 'nosuch'" in result.stdout
     assert "Traceback" not in result.stderr and "pw@" not in result.stdout
 
 

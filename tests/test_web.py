@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -435,6 +436,17 @@ def test_web_command_refuses_other_hosts_without_a_password(sqlite_engine: Engin
         "$BATCHJOBS_WEB_AUTH (or bind 127.0.0.1)"
     ]
     assert bad_auth.returncode == 1 and bad_auth.stderr.count("\n") == 1 and "user:password" in bad_auth.stderr
+
+
+def test_web_command_on_a_port_in_use_is_one_line(sqlite_engine: Engine) -> None:
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(sqlite_engine))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("-A", "jobapp:jobs", "web", "--port", str(port), env=env, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"Error: cannot serve on 127.0.0.1:{port}: Address already in use"]
 
 
 def test_web_command_serves_with_a_password_from_the_environment(sqlite_engine: Engine) -> None:

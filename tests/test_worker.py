@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from conftest import blocking_env, cli_env, effects, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
@@ -56,7 +57,7 @@ def test_a_row_is_picked_up_on_its_commit_not_at_the_next_poll(pg_engine: Engine
             timeout=10,
         )
         check = run_cli("-A", "jobapp:jobs", "check", "--min-workers", "1", "--queue", "items", env=env)
-        assert check.returncode == 0, check.stdout
+        assert check.returncode == 0 and "1 live worker(s)" in check.stdout, check.stdout
         too_few = run_cli("-A", "jobapp:jobs", "check", "--min-workers", "2", env=env)
         assert too_few.returncode == 2 and "1 live worker(s), fewer than 2" in too_few.stdout
     finally:
@@ -246,3 +247,13 @@ def test_an_idle_worker_polls_without_beating_every_few_seconds(engine: Engine, 
 def _worker_done(engine: Engine) -> int:
     with Session(engine) as session:
         return int(session.scalar(select(RunRecord.rows_done).where(RunRecord.kind == "worker")) or 0)
+
+
+def test_a_worker_deployed_before_its_migration_stops_with_the_error(engine: Engine) -> None:
+    """SQLite and MySQL report a missing column as an operational error, as they do a lost
+    connection: the worker must stop with it rather than reconnect forever (the database answers)."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE items RENAME COLUMN processed TO processed_later")
+    # Without the fix the worker logs a reconnect a second until max_runtime, then returns.
+    with pytest.raises(DBAPIError, match="processed"):
+        run_worker(jobapp.jobs, engine, queues=["items"], poll_every=0.1, max_runtime=10)

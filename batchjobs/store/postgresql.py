@@ -156,9 +156,10 @@ class _Listener:
             for notify in self.driver.notifies(timeout=0):
                 tables.add(notify.payload)
         except psycopg.Error as error:
-            # Raised as SQLAlchemy raises a driver's errors, so that callers handle one kind.
+            # Raised as SQLAlchemy raises a driver's errors, so that callers handle one kind:
+            # whatever the error, this connection is done for.
             self.connection.invalidate()
-            raise OperationalError(f"LISTEN {CHANNEL}", None, error) from error
+            raise OperationalError(f"LISTEN {CHANNEL}", None, error, connection_invalidated=True) from error
         return tables
 
     def wait(self, timeout: float) -> set[str]:

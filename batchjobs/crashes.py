@@ -25,6 +25,7 @@ through. A row that crashed ``max_crashes`` times is dead, with a reason that sa
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -34,14 +35,21 @@ import tempfile
 import threading
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Connection
+
+from batchjobs.errors import BatchJobsError
 from batchjobs.failures import RowFailure
-from batchjobs.registry import Registry
 from batchjobs.store import Store
+
+if TYPE_CHECKING:
+    from batchjobs.registry import FlagJob
 
 logger = logging.getLogger("batchjobs")
 
@@ -74,15 +82,16 @@ class InflightMarker:
     """One worker's marker file: the rows its handlers are about to handle, rewritten per chunk."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Unique even where process ids repeat (containers sharing the folder, restarts as pid 1).
         self.path = folder / f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:12]}.json"
         # Locked before it appears under its name, so that no run ever finds it unlocked and takes
         # it for a dead worker's. The lock is held while this worker works.
         unlisted = self.path.with_suffix(".new")
-        self.fd = os.open(unlisted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        os.rename(unlisted, self.path)
+        with _unwritable(folder):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.fd = os.open(unlisted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            os.rename(unlisted, self.path)
         self.size = 0
 
     def set(self, job: str, row_keys: Sequence[str], now: datetime) -> None:
@@ -101,7 +110,15 @@ class InflightMarker:
         # One write at offset 0, padded over what a longer earlier marker left rather than cut
         # with a second system call: the reader takes the header's count of lines.
         self.size = max(self.size, len(payload))
-        os.pwrite(self.fd, payload.ljust(self.size, b"\n"), 0)
+        padded = payload.ljust(self.size, b"\n")
+        with _unwritable(self.path.parent):
+            # A write cut short (the disk or the file size limit reached) says why when the rest is written.
+            written = os.pwrite(self.fd, padded, 0)
+            while written < len(padded):
+                more = os.pwrite(self.fd, padded[written:], written)
+                if not more:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                written += more
 
     def close(self, *, ended_well: bool) -> None:
         """A worker that ended well removes its marker; one that ended with an error leaves it,
@@ -114,8 +131,79 @@ class InflightMarker:
             os.close(self.fd)
 
 
-def _take(path: Path) -> dict[str, Any] | None:
-    """Read and remove an abandoned marker; None for a live worker's, or one another run took."""
+@dataclass
+class AbandonedMarker:
+    """The marker of a worker that went away, taken by this run: moved aside while its crashes
+    are counted, removed once they are committed, or put back for the next run if they could not be."""
+
+    #: Its name while its worker lived (unique: no later marker takes it).
+    path: Path
+    #: Its name while this run counts it.
+    taken: Path
+    job: str
+    pid: int
+    started_at: datetime
+    row_keys: list[str]
+
+    def count(self, store: Store, connection: Connection, job: FlagJob, now: datetime) -> int:
+        """Record a crash for each of its rows still pending with no failure recorded since it was
+        written, in the caller's transaction; returns how many, said in one line when any."""
+        keys = store.still_attempted(connection, job, self.row_keys, self.started_at)
+        store.record_failures(connection, job, [RowFailure(key, 0, Crashed(REASON), crashed=True) for key in keys], now)
+        if keys:
+            shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+            logger.warning(
+                "job %s: a worker (pid %d) went away while handling rows %s; each counts a crash and runs apart",
+                job.name,
+                self.pid,
+                shown,
+                extra={"job": job.name, "outcome": "crashed"},
+            )
+        return len(keys)
+
+    def drop(self) -> None:
+        """Its crashes are committed (or it names no job of this app): nobody counts it again."""
+        self.taken.unlink(missing_ok=True)
+
+    def put_back(self) -> None:
+        """Its crashes could not be counted now: the next run finds it where it was."""
+        try:
+            os.rename(self.taken, self.path)
+        except OSError as error:
+            logger.warning(
+                "crash marker %s could not be put back (%s); the crash it tells of is not counted", self.path.name, error
+            )
+
+
+def take_abandoned(store: Store) -> list[AbandonedMarker]:
+    """The markers of the workers on this host that went away, taken by this run: each is this
+    run's to :meth:`~AbandonedMarker.drop` or :meth:`~AbandonedMarker.put_back`.
+
+    Costs a look at one small folder when there is nothing to do.
+    """
+    try:
+        paths = sorted(marker_dir(store).glob("*.json"))
+    except OSError:
+        return []
+    return [marker for marker in map(_take, paths) if marker is not None]
+
+
+@contextmanager
+def _unwritable(folder: Path) -> Iterator[None]:
+    """A marker that cannot be written stops the run before any handler runs: without it, a row
+    that takes its worker down would do so again at every run."""
+    try:
+        yield
+    except OSError as error:
+        raise BatchJobsError(
+            f"cannot write crash markers in {folder}: {error.strerror or error} "
+            "(set BATCHJOBS_STATE_DIR to a folder of this user's with room)"
+        ) from error
+
+
+def _take(path: Path) -> AbandonedMarker | None:
+    """Take an abandoned marker; None for a live worker's, one another run took, or one with no
+    rows (its worker never started a chunk) or that cannot be read, which are removed."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -132,12 +220,22 @@ def _take(path: Path) -> dict[str, Any] | None:
             return None
         try:
             data = taken.read_bytes()
-            return _parse(data) if data else None  # its worker never started a chunk
+            if not data:
+                taken.unlink(missing_ok=True)
+                return None
+            header = _parse(data)
+            return AbandonedMarker(
+                path,
+                taken,
+                header["job"],
+                header["pid"],
+                datetime.fromisoformat(header["started_at"]),
+                header["row_keys"],
+            )
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("crash marker %s could not be read (%s); the crash it may tell of is not counted", path.name, error)
-            return None
-        finally:
             taken.unlink(missing_ok=True)
+            return None
     finally:
         os.close(fd)
 
@@ -152,37 +250,3 @@ def _parse(data: bytes) -> dict[str, Any]:
             raise ValueError("its keys were cut short by the end of the process that wrote them")
         header["row_keys"] = [line.decode() for line in lines]
     return header
-
-
-def account_abandoned(store: Store, registry: Registry, now: datetime) -> int:
-    """Count the crashes that workers which went away on this host left behind; returns the rows counted.
-
-    Costs a look at one small folder when there is nothing to do.
-    """
-    try:
-        paths = sorted(marker_dir(store).glob("*.json"))
-    except OSError:
-        return 0
-    counted = 0
-    for path in paths:
-        data = _take(path)
-        if data is None or data.get("job") not in registry.jobs:
-            continue
-        job = registry.jobs[data["job"]]
-        since = datetime.fromisoformat(data["started_at"])
-        # A claiming transaction: it reads, then writes what it read, so on SQLite it takes the
-        # write lock first rather than fail to upgrade its read beside another writer.
-        with store.claiming().begin() as connection:
-            keys = store.still_attempted(connection, job, data["row_keys"], since)
-            store.record_failures(connection, job, [RowFailure(key, 0, Crashed(REASON), crashed=True) for key in keys], now)
-        if keys:
-            counted += len(keys)
-            shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-            logger.warning(
-                "job %s: a worker (pid %d) went away while handling rows %s; each counts a crash and runs apart",
-                job.name,
-                data["pid"],
-                shown,
-                extra={"job": job.name, "outcome": "crashed"},
-            )
-    return counted

@@ -372,9 +372,14 @@ class RunRecorder:
             now = self.clock()
             # A run that failed may have lost its database: it records its end and nothing more.
             sample = bool(self.backlog) and outcome != "failed"
-            due = self._save(
-                {"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)}, sample=sample
-            )
+            values = {"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)}
+            due: list[FlagJob] = []
+            # Bounded as a beat is: a process told to stop must not wait for a server that stopped answering.
+            end = _Write(lambda: due.extend(self._save(values, sample=sample)))
+            if not end.wait(self.beat_timeout):
+                raise _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
+            if end.error is not None:
+                raise end.error
         finally:
             _open_here.discard(self._key)
         if due:

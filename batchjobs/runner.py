@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from batchjobs.crashes import InflightMarker, account_abandoned, marker_dir
+from batchjobs.crashes import InflightMarker, marker_dir, take_abandoned
 from batchjobs.db import ensure_schema
 from batchjobs.failures import RowFailure, forget_stale_failures
 from batchjobs.history import record_run
@@ -137,11 +137,7 @@ def running(
     clock: Callable[[], datetime],
     raise_errors: bool = False,
 ) -> Iterator[_Run]:
-    """A run's connection and state, for one drain (run-pending) or many (a worker).
-
-    First counts the crashes that workers which went away left behind (see batchjobs.crashes).
-    """
-    account_abandoned(store, registry, clock())
+    """A run's connection and state, for one drain (run-pending) or many (a worker)."""
     # One connection for the whole run, a transaction per chunk: taking a connection from the
     # pool and giving it back cost a tenth of a plain-row chunk's client time.
     with store.claiming_connection() as connection:
@@ -183,6 +179,7 @@ class _Run:
     registry: Registry
     store: Store
     connection: Connection
+    #: When the current pass started: rows that failed since wait for the next one.
     run_started: datetime
     commit_interval: float
     lock_timeout: float
@@ -207,6 +204,8 @@ class _Run:
     forgot_at: float | None = None
     #: Set by abort(), from another thread, when the process is about to end.
     aborted: threading.Event = field(default_factory=threading.Event)
+    #: Jobs whose crashes could not be counted: they sit out until they are (see account_crashes).
+    unaccounted: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
@@ -235,6 +234,45 @@ class _Run:
         self.marker.path.unlink(missing_ok=True)
         self.store.cancel_running_statement(self.connection.connection.dbapi_connection, self.executed.in_flight)
 
+    def start_pass(self) -> None:
+        """Before a pass over the jobs (a drain, or given keys): count the crashes left behind,
+        then start the pass's clock. A row that fails is not tried again in the same pass, but
+        the crashes counted before it run apart in it; a worker's next pass tries failed rows
+        again once their backoff is over (held back for the worker's whole life, they would
+        wait for its restart)."""
+        self.account_crashes()
+        self.run_started = self.clock()
+
+    def account_crashes(self) -> None:
+        """Count the crashes that workers on this host which went away left behind (see
+        :mod:`batchjobs.crashes`), each marker in a transaction of its own.
+
+        The count reads the job's table, bounded as a claim is. A job whose count did not get
+        through sits out until a later look counts it: claimed in ordinary chunks meanwhile, the
+        row that took the worker down would take good rows down with it again. Its marker stays
+        until its crashes are committed, so a run that ends first loses none.
+        """
+        self.unaccounted.clear()
+        for marker in take_abandoned(self.store):
+            job = self.registry.jobs.get(marker.job)
+            if job is None:
+                marker.drop()  # a job this app no longer has
+                continue
+            wait = self.claim_wait()
+            try:
+                with self.connection.begin(), self.watchdog.limit(wait):
+                    counted = marker.count(self.store, self.connection, job, self.clock())
+            except BaseException as exc:
+                marker.put_back()
+                if not isinstance(exc, DBAPIError):
+                    raise
+                self.locked_out(exc, job, wait, "its crashes are counted next time, and its rows wait till then")
+                self.unaccounted.add(job.name)
+                continue
+            marker.drop()
+            if counted:
+                self.with_suspects.add(job.name)
+
     def claim_wait(self) -> float:
         """How long a claim may wait for its table: the lock timeout, or what is left of the run."""
         if self.deadline is None:
@@ -257,6 +295,8 @@ class _Run:
         asked: their jobs join the turns again, so that a job's long backlog never keeps
         another's new row waiting longer than a chunk.
         """
+        self.start_pass()
+        jobs = [job for job in jobs if job.name not in self.unaccounted]
         self.forget_stale_failures(jobs)
         by_table: dict[str, list[FlagJob]] = {}
         for job in jobs:
@@ -335,6 +375,9 @@ class _Run:
         run are left alone: they are someone else's work, or none. A chunk that commits early
         leaves the rest claimable, so the next one claims them; each chunk handles at least one row.
         """
+        self.start_pass()
+        if job.name in self.unaccounted:
+            return True
         keys = list(dict.fromkeys(keys))
         size = batch_size or job.batch_size
         for start in range(0, len(keys), size):

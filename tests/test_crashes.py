@@ -24,7 +24,8 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
-from batchjobs.crashes import InflightMarker, _take, account_abandoned, marker_dir
+from batchjobs.crashes import InflightMarker, _take, marker_dir, take_abandoned
+from batchjobs.runner import run_pending
 from batchjobs.schema import migrate
 from batchjobs.store import store_for
 from batchjobs.store.tables import Failure
@@ -76,9 +77,9 @@ def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: li
     marker.set("process_item", [str(n) for n in range(1000, 1100)], datetime.now(timezone.utc))
     marker.set("process_item", keys, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     marker.close(ended_well=False)
-    data = _take(marker.path)
-    assert data is not None
-    assert (data["job"], data["row_keys"], data["started_at"]) == ("process_item", keys, "2026-01-02T03:04:05+00:00")
+    taken = _take(marker.path)
+    assert taken is not None
+    assert (taken.job, taken.row_keys, taken.started_at) == ("process_item", keys, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     assert not marker.path.exists()  # taken: no second run counts it again
 
 
@@ -113,8 +114,8 @@ def test_a_marker_of_the_format_before_is_read(tmp_path: Path) -> None:
     """A worker of the previous release wrote its marker as one JSON object."""
     path = tmp_path / "1-2-3.json"
     path.write_text('{"pid": 7, "job": "process_item", "row_keys": ["1", "2"], "started_at": "2026-01-02T03:04:05+00:00"}')
-    data = _take(path)
-    assert data is not None and (data["pid"], data["row_keys"]) == (7, ["1", "2"])
+    taken = _take(path)
+    assert taken is not None and (taken.pid, taken.row_keys) == (7, ["1", "2"])
 
 
 def test_a_worker_that_is_pid_1_of_a_container_has_its_crashes_counted(engine: Engine, tmp_path: Path) -> None:
@@ -236,7 +237,11 @@ def test_crash_accounting_on_sqlite_beside_another_writer(sqlite_url: str, tmp_p
 
     event.listen(store.engine, "before_cursor_execute", another_writer)
     try:
-        assert account_abandoned(store, jobapp.jobs, datetime.now(timezone.utc)) == 1
+        [taken] = take_abandoned(store)
+        # On the connection a run claims on, as a run counts crashes.
+        with store.claiming_connection() as connection, connection.begin():
+            assert taken.count(store, connection, jobapp.jobs.job("process_item"), datetime.now(timezone.utc)) == 1
+        taken.drop()
     finally:
         event.remove(store.engine, "before_cursor_execute", another_writer)
         other.close()
@@ -244,3 +249,71 @@ def test_crash_accounting_on_sqlite_beside_another_writer(sqlite_url: str, tmp_p
     assert writes == ["database is locked"]
     pill = failure(store.engine, "2")
     assert pill is not None and pill.crashes == 1
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "mysql"], indirect=True)
+def test_crashes_on_a_locked_table_wait_for_a_later_run_and_hold_up_no_other_job(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counting a crash reads the job's table: bounded by the lock timeout as a claim is. Until it
+    is counted the job sits out (its pill would take good rows down again) and the marker stays;
+    the other jobs go on."""
+    monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "state"))
+    add_items(engine, 3)
+    with Session(engine) as session, session.begin():
+        session.add_all([jobapp.Order(id=n) for n in (1, 2)])
+    store = store_for(engine)
+    dead_worker = InflightMarker(marker_dir(store))
+    dead_worker.set("process_item", ["2"], datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    dead_worker.close(ended_well=False)
+
+    with engine.connect() as migration:
+        # A migration holds the items table, so that nothing may even read it.
+        migration.begin()
+        if engine.dialect.name == "postgresql":
+            migration.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        else:
+            migration.execute(text("LOCK TABLES items WRITE"))
+        try:
+            summary = run_pending(jobapp.jobs, engine, jobs=["process_item", "send_receipt"], lock_timeout=0.5, record=False)
+        finally:
+            if engine.dialect.name != "postgresql":
+                migration.execute(text("UNLOCK TABLES"))
+            migration.rollback()
+
+    assert summary.jobs["send_receipt"].done == 2 and summary.jobs["process_item"].done == 0
+    assert "its crashes are counted next time" in caplog.text
+    assert dead_worker.path.exists() and failure(engine, "2") is None
+
+    again = run_pending(jobapp.jobs, engine, jobs=["process_item"], record=False)
+    assert again.done == 3 and not dead_worker.path.exists()
+    assert "went away while handling rows 2" in caplog.text
+
+
+@pytest.mark.parametrize("fault", ["not-a-folder", "file-too-large"])
+def test_a_marker_that_cannot_be_written_stops_the_run_in_one_line(pg_engine: Engine, tmp_path: Path, fault: str) -> None:
+    """No marker, no protection from a row that takes its worker down: the run stops before any
+    handler runs, in one line, and the rows stay pending."""
+    add_items(pg_engine, 5)
+    effects_file = tmp_path / "effects.txt"
+    state = tmp_path / "state"
+    limit: Any = None
+    if fault == "not-a-folder":
+        state.write_text("a file where the state folder should be")
+        state = state / "below"
+    else:
+        import resource
+
+        # Writes past 64 bytes fail with EFBIG (Python ignores SIGXFSZ): a marker is longer.
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
+    env = cli_env(BATCHJOBS_DATABASE_URL=url_of(pg_engine), BATCHJOBS_STATE_DIR=str(state), JOBAPP_EFFECTS=str(effects_file))
+    result = subprocess.run(
+        [BATCHJOBS, "-A", "jobapp:jobs", "run-pending", "--queue", "items"],
+        env=env, capture_output=True, text=True, timeout=120, preexec_fn=limit,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"Error: cannot write crash markers in {state}"), result.stderr
+    assert not effects_file.exists() and not any(processed(pg_engine).values())

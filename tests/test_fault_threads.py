@@ -17,7 +17,7 @@ import pytest
 from conftest import BATCHJOBS, blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
-from test_run_pending import add_items
+from test_run_pending import add_items, processed
 
 from batchjobs.db import create_engine
 from batchjobs.schema import migrate
@@ -155,6 +155,37 @@ def test_a_heartbeat_without_an_answer_gives_up_waiting_and_resumes(pg_engine: E
     assert "Traceback" not in stderr and "Exception in thread" not in stderr
     assert len(_lines(err, "run history heartbeat failed: ")) == 1
     assert _outcome_of(engine, run.pid) == "finished"
+
+
+def test_recording_the_end_of_a_run_gives_up_on_a_database_that_does_not_answer(pg_engine: Engine, tmp_path: Path) -> None:
+    """A run told to stop (or done) must end: its last write to the run history is bounded as
+    a beat is, and the next run records the end it could not."""
+    engine = pg_engine
+    add_items(engine, 3)
+    env = blocking_env(engine, tmp_path, 2, BATCHJOBS_HEARTBEAT_EVERY=FAST_BEAT)
+    run, _, err = _start(["-A", "jobapp:jobs", "run-pending", "-q", "items"], env, tmp_path)
+    try:
+        wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
+        wait_for(lambda: _run_of(engine, run.pid) is not None, "the run to be recorded", run)
+        with engine.connect() as locker:
+            # Every write to the run's row now waits, as on a server that stopped answering.
+            locker.execute(select(RunRecord).where(RunRecord.pid == run.pid).with_for_update())
+            (tmp_path / "release-2").touch()
+            # Ended while the row is still locked: without the bound it would wait for the lock.
+            run.wait(timeout=60)
+            locker.rollback()
+    finally:
+        (tmp_path / "release-2").touch()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+    stderr = err.read_text()
+    assert run.returncode == 1, stderr
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr
+    assert stderr.splitlines()[-1].startswith("Error: could not record the end of run "), stderr
+    assert "no answer from the database within " in stderr.splitlines()[-1]
+    assert all(processed(engine).values())
 
 
 def test_an_invalid_heartbeat_interval_is_one_line(pg_engine: Engine) -> None:

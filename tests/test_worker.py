@@ -6,6 +6,7 @@ import signal
 import subprocess
 import threading
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import jobapp
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
 from batchjobs.signals import StopRequest
-from batchjobs.store.tables import RunRecord
+from batchjobs.store.tables import Failure, RunRecord
 from batchjobs.worker import run_worker, trigger_sql
 
 
@@ -257,3 +258,27 @@ def test_a_worker_deployed_before_its_migration_stops_with_the_error(engine: Eng
     # Without the fix the worker logs a reconnect a second until max_runtime, then returns.
     with pytest.raises(DBAPIError, match="processed"):
         run_worker(jobapp.jobs, engine, queues=["items"], poll_every=0.1, max_runtime=10)
+
+
+def test_a_worker_tries_a_failed_row_again_once_its_backoff_is_over(engine: Engine, behaviour: jobapp.Behaviour) -> None:
+    """A failed row waits out its backoff, not the worker's life: each pass of a worker is a run of its own."""
+    now = [datetime(2026, 1, 1, tzinfo=timezone.utc)]
+    behaviour.poison = {1}
+    add_items(engine, 1)
+    stop = StopRequest()
+    kwargs = {"queues": ["items"], "poll_every": 0.05, "stop": stop, "clock": lambda: now[0], "record": False}
+    worker = threading.Thread(target=run_worker, args=(jobapp.jobs, engine), kwargs=kwargs)
+    worker.start()
+    try:
+        wait_for(lambda: _attempts(engine) == 1, "the first attempt to fail")
+        behaviour.poison = set()
+        now[0] += timedelta(hours=1)  # the backoff after a first failure is about 30 s
+        wait_for(lambda: processed(engine) == {1: True}, "the row to be tried again", timeout=20)
+    finally:
+        stop.set("test")
+        worker.join(timeout=60)
+
+
+def _attempts(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.scalar(select(Failure.attempts).where(Failure.row_key == "1")) or 0

@@ -45,6 +45,8 @@ BACKSTOP_EVERY = 30.0
 RECONNECT_AT_MOST = 30.0
 #: Waits are cut into slices this long, so that a stop request is seen within one.
 SLICE = 0.5
+#: How long a new listener waits for its own notification before it takes notifications for lost.
+HEARD_WITHIN = 3.0
 
 
 def run_worker(
@@ -153,6 +155,16 @@ class _Worker:
     def serve(self) -> None:
         """Listen, drain once, then wait and drain until done; raises when the database goes away."""
         listener = self.store.listener()
+        if listener is not None and not listener.hears_itself(HEARD_WITHIN):
+            listener.close()
+            listener = None
+            if "notifications" not in self.warned:
+                self.warned.add("notifications")
+                logger.warning(
+                    "notifications do not reach this worker (a pooler in transaction mode between it and "
+                    "PostgreSQL? LISTEN needs a direct or session-pooled connection); it polls every %s instead",
+                    format_duration(self.poll_every),
+                )
         try:
             with self.store.engine.connect() as connection:
                 polled = [job for job in self.jobs if not self._triggered(connection, job, listener)]

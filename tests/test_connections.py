@@ -22,7 +22,7 @@ from pathlib import Path
 import jobapp
 import psycopg
 import pytest
-from conftest import cli_env, effects, free_port, run_cli, start_cli, stop_process
+from conftest import BATCHJOBS, cli_env, effects, free_port, run_cli, start_cli, stop_process, wait_for
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -288,3 +288,38 @@ def test_concurrent_runs_through_pgbouncer_handle_each_row_once(pgbouncer_url: s
         done = session.scalar(select(func.count()).where(jobapp.Item.processed.is_(True), jobapp.Item.note.is_not(None)))
     assert done == 3000
     assert sum(int(out.split()[1]) for out, _ in outputs if out.strip()) == 3000
+
+
+def test_a_worker_behind_a_pooler_is_woken_or_polls_and_says_why(
+    pgbouncer_url: str, pg_engine: Engine, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A transaction pooler hands the LISTEN's server connection to other clients between
+    statements: notifications never come back. The worker finds out at once and polls. Through
+    a session pooler they come back, and the worker listens as on a direct connection."""
+    transaction_mode = request.node.callspec.params["pgbouncer_url"] == "transaction"
+    from batchjobs.worker import trigger_sql
+
+    with pg_engine.begin() as connection:
+        for statement in trigger_sql(jobapp.jobs, pg_engine):
+            connection.exec_driver_sql(statement)
+    effects_file = tmp_path / "effects.txt"
+    env = cli_env(JOBAPP_EFFECTS=str(effects_file), BATCHJOBS_DATABASE_URL=pgbouncer_url)
+    err_file = tmp_path / "stderr.txt"
+    with err_file.open("w") as err:
+        worker = subprocess.Popen(
+            [BATCHJOBS, "-A", "jobapp:jobs", "worker", "-q", "items", "--poll-interval", "200ms", "--backstop-interval", "1h"],
+            env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+        )
+    try:
+        if transaction_mode:
+            wait_for(lambda: "notifications do not reach this worker" in err_file.read_text(), "the worker to say why it polls", worker)
+        else:
+            wait_for(lambda: "batchjobs worker: handling" in err_file.read_text(), "the worker to start", worker)
+        add_items(pg_engine, 2)
+        # Well inside the hour-long backstop: a notification or a poll found them.
+        wait_for(lambda: sorted(effects(effects_file)) == [1, 2], "the rows to be handled", worker, timeout=30)
+    finally:
+        stop_process(worker)
+    said = err_file.read_text()
+    assert "Traceback" not in said
+    assert ("notifications do not reach this worker" in said) is transaction_mode, said

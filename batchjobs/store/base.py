@@ -743,6 +743,12 @@ class Listener(Protocol):
         """What arrived meanwhile, without waiting."""
         ...
 
+    def hears_itself(self, timeout: float) -> bool:
+        """Send a notification from another connection and wait up to ``timeout`` seconds for it:
+        False when notifications do not come back (a pooler in transaction mode hands the
+        LISTEN's server connection to others between statements)."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 #: The channel batchjobs' triggers notify and workers LISTEN on; the payload is the table's name.
 CHANNEL = "batchjobs"
+#: How a listener's notification to itself starts (see _Listener.hears_itself): no table's name.
+_PROBE = "batchjobs-probe:"
 #: Connection record info key: whether the URL or connect_args set prepare_threshold.
 _THRESHOLD_CHOSEN = "batchjobs_prepare_threshold_chosen"
 #: psycopg's own default: a statement is prepared on the server after its fifth run.
@@ -140,18 +142,21 @@ class _Listener:
     """LISTEN on a connection of its own, in autocommit mode, and wait with psycopg's notifies()."""
 
     def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         self.connection.exec_driver_sql(f"LISTEN {CHANNEL}")
         self.driver = self.connection.connection.driver_connection
+        #: Tables notified while hears_itself() waited for its own notification.
+        self.early: set[str] = set()
 
     def _collect(self, timeout: float) -> set[str]:
         import psycopg
 
         assert self.driver is not None
-        tables: set[str] = set()
+        tables, self.early = self.early, set()
         try:
             # The first notification ends the wait; whatever else already arrived comes with it.
-            for notify in self.driver.notifies(timeout=timeout, stop_after=1):
+            for notify in self.driver.notifies(timeout=0.0 if tables else timeout, stop_after=1):
                 tables.add(notify.payload)
             for notify in self.driver.notifies(timeout=0):
                 tables.add(notify.payload)
@@ -160,13 +165,31 @@ class _Listener:
             # whatever the error, this connection is done for.
             self.connection.invalidate()
             raise OperationalError(f"LISTEN {CHANNEL}", None, error, connection_invalidated=True) from error
-        return tables
+        # Other workers' probes (see hears_itself) name no table.
+        return {table for table in tables if not table.startswith(_PROBE)}
 
     def wait(self, timeout: float) -> set[str]:
         return self._collect(max(timeout, 0.0))
 
     def poll(self) -> set[str]:
         return self._collect(0.0)
+
+    def hears_itself(self, timeout: float) -> bool:
+        import psycopg
+
+        probe = f"{_PROBE}{uuid.uuid4().hex}"
+        with self.engine.begin() as other:
+            other.execute(text("SELECT pg_notify(:channel, :probe)"), {"channel": CHANNEL, "probe": probe})
+        assert self.driver is not None
+        try:
+            for notify in self.driver.notifies(timeout=timeout):
+                if notify.payload == probe:
+                    return True
+                self.early.add(notify.payload)
+        except psycopg.Error as error:
+            self.connection.invalidate()
+            raise OperationalError(f"LISTEN {CHANNEL}", None, error, connection_invalidated=True) from error
+        return False
 
     def close(self) -> None:
         self.connection.close()

@@ -40,6 +40,8 @@ from batchjobs.timeutil import utcnow
 POOLS = ("process", "thread")
 #: The reason a worker's error gives the others to stop.
 WORKER_ERROR = "worker error"
+#: The reason a worker's death gives the others to stop (long-running workers only).
+WORKER_DIED = "worker died"
 
 logger = logging.getLogger("batchjobs")
 
@@ -189,8 +191,13 @@ def _run_processes(
         for child in children:
             child.start()
         recorder.start_heartbeat()
+        started = time.monotonic()
+        # A worker invocation lives on: with one process gone it would work on at part strength,
+        # unseen. It stops instead, and its supervisor (systemd's Restart=) starts it afresh.
+        stop_when_one_dies = kind == "worker"
         with on_abort(lambda: _abort_children(children)):
-            reports = _collect(children, results, stop)
+            reports = _collect(children, results, stop, stop_when_one_dies)
+        total.seconds = time.monotonic() - started
         # The parent's own reason first: with SIGTERM forwarded, every child reports SIGTERM.
         total.stopped_by = stop.reason
         errors = []
@@ -218,6 +225,13 @@ def _signal(pid: int, signum: int) -> None:
         pass  # it has just ended
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _abort_children(children: list[Any]) -> None:
     """A second Ctrl-C: every worker aborts its chunk and ends; one that cannot is killed."""
     for child in children:
@@ -230,11 +244,28 @@ def _abort_children(children: list[Any]) -> None:
             _signal(child.pid, signal.SIGKILL)
 
 
-def _collect(children: list[Any], results: Any, stop: StopRequest) -> dict[int | None, dict[str, Any]]:
-    """Every child's report, by pid, once all have ended; a worker's error stops the others."""
+def _collect(
+    children: list[Any], results: Any, stop: StopRequest, stop_when_one_dies: bool = False
+) -> dict[int | None, dict[str, Any]]:
+    """Every child's report, by pid, once all have ended; a worker's error stops the others, and
+    with ``stop_when_one_dies`` so does a worker's death. A death is said when it happens."""
     reports: dict[int | None, dict[str, Any]] = {}
     forwarded = False
+    mourned: set[int] = set()
     while any(child.is_alive() for child in children):
+        for child in children:
+            # Killed by a signal (kill -9, the OOM killer): it could not report.
+            if child.exitcode is not None and child.exitcode < 0 and child.pid not in mourned and not stop:
+                mourned.add(child.pid)
+                logger.error(
+                    "worker process %s (pid %d) was killed by %s; the rows it had claimed are pending again%s",
+                    child.name,
+                    child.pid,
+                    _signal_name(-child.exitcode),
+                    "; stopping the others" if stop_when_one_dies else "",
+                )
+                if stop_when_one_dies:
+                    stop.set(WORKER_DIED)
         if stop and not forwarded:
             # Finish the current row, commit, exit; after Ctrl-C, as after Ctrl-C.
             relay = RELAYED_STOP if stop.reason == "SIGINT" else signal.SIGTERM

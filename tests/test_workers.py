@@ -43,6 +43,7 @@ def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path:
 
     assert run.returncode == 1
     assert err.strip().splitlines()[-1] == "Error: 1 of 4 workers died; their rows are pending again"
+    assert f"(pid {victim}) was killed by SIGKILL; the rows it had claimed are pending again\n" in err, err
     assert "1 worker(s) died" in out
 
     # The killed worker's chunk rolled back; the surviving workers or this later run take it over.
@@ -54,6 +55,24 @@ def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path:
     assert set(handled) == set(range(1, 2001))
     # Only rows the killed worker had started (its chunk is 51-100, it died in row 60) ran twice.
     assert {k for k, n in handled.items() if n > 1} == set(range(51, 61))
+
+
+def test_a_worker_invocation_stops_when_one_of_its_processes_dies(engine: Engine, tmp_path: Path) -> None:
+    """A long-running invocation would work on at part strength, unseen: it says so and stops,
+    for its supervisor to start it afresh (which counts the dead process's crash)."""
+    add_items(engine, 100)
+    effects_file = tmp_path / "effects.txt"
+    env = blocking_env(engine, tmp_path, 60, JOBAPP_EFFECTS=str(effects_file))
+    run = start_cli("-A", "jobapp:jobs", "worker", "-q", "items", "-c", "2", "--poll-interval", "100ms", env=env)
+    wait_for(lambda: (tmp_path / "reached-60").exists(), "row 60 to be in progress", run)
+    [victim] = {line.split()[2] for line in effects_file.read_text().splitlines() if line.split()[1] == "60"}
+    os.kill(int(victim), signal.SIGKILL)
+    out, err = run.communicate(timeout=120)
+
+    assert run.returncode == 1, err
+    assert f"(pid {victim}) was killed by SIGKILL; the rows it had claimed are pending again; stopping the others" in err
+    assert err.strip().splitlines()[-1] == "Error: 1 of 2 workers died; their rows are pending again"
+    assert "stopped by worker died" in out
 
 
 def test_sigterm_reaches_every_worker(engine: Engine, tmp_path: Path) -> None:

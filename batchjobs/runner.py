@@ -206,6 +206,8 @@ class _Run:
     aborted: threading.Event = field(default_factory=threading.Event)
     #: Jobs whose crashes could not be counted: they sit out until they are (see account_crashes).
     unaccounted: set[str] = field(default_factory=set)
+    #: Jobs whose table was found locked, and said so, since their last claim got through.
+    locked: set[tuple[str, str]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Statements on this run's connection only: a handler's among them tell that it used the database.
@@ -354,6 +356,10 @@ class _Run:
         seconds; any other error is raised."""
         if not self.watchdog.fired:
             raise error
+        # A worker tries again at every pass: one line while the table stays locked, not one a pass.
+        if (job.name, consequence) in self.locked:
+            return
+        self.locked.add((job.name, consequence))
         logger.warning(
             "job %s: its table stayed locked for %s (a migration?); %s",
             job.name,
@@ -445,6 +451,8 @@ class _Run:
             except DBAPIError as exc:
                 self.locked_out(exc, job, wait, "skipped in this run")
                 return _SKIPPED
+            if self.locked:
+                self.locked = {said for said in self.locked if said[0] != job.name}
             if not claimed:
                 return 0
             # Keys are read before any handler runs: a rolled-back savepoint expires its row.

@@ -282,3 +282,38 @@ def test_a_worker_tries_a_failed_row_again_once_its_backoff_is_over(engine: Engi
 def _attempts(engine: Engine) -> int:
     with engine.connect() as connection:
         return connection.scalar(select(Failure.attempts).where(Failure.row_key == "1")) or 0
+
+
+def test_a_worker_says_once_that_a_table_stays_locked(pg_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker tries a locked table at every pass: one line per time the table is locked, not one a pass."""
+    claims: Counter[str] = Counter()
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "SKIP LOCKED" in statement and "FROM items" in statement:
+            claims["items"] += 1
+
+    event.listen(pg_engine, "before_cursor_execute", count)
+    stop = StopRequest()
+    kwargs = {"queues": ["items"], "poll_every": 0.05, "lock_timeout": 0.1, "stop": stop, "record": False}
+    worker = threading.Thread(target=run_worker, args=(jobapp.jobs, pg_engine), kwargs=kwargs)
+    try:
+        with pg_engine.connect() as migration:
+            migration.begin()
+            migration.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+            worker.start()
+            wait_for(lambda: claims["items"] >= 5, "five claims on the locked table")
+            migration.rollback()
+        add_items(pg_engine, 1)
+        wait_for(lambda: processed(pg_engine) == {1: True}, "the row once the table is free")
+        with pg_engine.connect() as migration:
+            migration.begin()
+            migration.execute(text("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+            tried = claims["items"]
+            wait_for(lambda: claims["items"] >= tried + 3, "more claims on the table locked again")
+            migration.rollback()
+    finally:
+        stop.set("test")
+        worker.join(timeout=60)
+        event.remove(pg_engine, "before_cursor_execute", count)
+    said = [r.getMessage() for r in caplog.records if "its table stayed locked" in r.getMessage()]
+    assert said == ["job process_item: its table stayed locked for 100ms (a migration?); skipped in this run"] * 2, said

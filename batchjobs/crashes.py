@@ -35,7 +35,7 @@ import tempfile
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,15 +131,34 @@ class InflightMarker:
             os.close(self.fd)
 
 
+@contextmanager
+def _unwritable(folder: Path) -> Iterator[None]:
+    """A marker that cannot be written stops the run before any handler runs: without it, a row
+    that takes its worker down would do so again at every run."""
+    try:
+        yield
+    except OSError as error:
+        raise BatchJobsError(
+            f"cannot write crash markers in {folder}: {error.strerror or error} "
+            "(set BATCHJOBS_STATE_DIR to a folder of this user's with room)"
+        ) from error
+
+
 @dataclass
 class AbandonedMarker:
-    """The marker of a worker that went away, taken by this run: moved aside while its crashes
-    are counted, removed once they are committed, or put back for the next run if they could not be."""
+    """The marker of a worker that went away, taken by this run: renamed aside and locked while
+    its crashes are counted, then removed once they are committed, or put back for a later run.
+
+    The lock is the taking: a run that dies while counting lets go of it, and the next run takes
+    the marker over under its aside name. A locked aside name is a count in progress.
+    """
 
     #: Its name while its worker lived (unique: no later marker takes it).
     path: Path
     #: Its name while this run counts it.
     taken: Path
+    #: The open file this run holds the lock through.
+    fd: int
     job: str
     pid: int
     started_at: datetime
@@ -163,47 +182,56 @@ class AbandonedMarker:
 
     def drop(self) -> None:
         """Its crashes are committed (or it names no job of this app): nobody counts it again."""
-        self.taken.unlink(missing_ok=True)
+        try:
+            self.taken.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
 
     def put_back(self) -> None:
-        """Its crashes could not be counted now: the next run finds it where it was."""
+        """Its crashes could not be counted now: a later run finds it where it was."""
         try:
             os.rename(self.taken, self.path)
         except OSError as error:
             logger.warning(
                 "crash marker %s could not be put back (%s); the crash it tells of is not counted", self.path.name, error
             )
+        finally:
+            os.close(self.fd)
 
 
-def take_abandoned(store: Store) -> list[AbandonedMarker]:
-    """The markers of the workers on this host that went away, taken by this run: each is this
-    run's to :meth:`~AbandonedMarker.drop` or :meth:`~AbandonedMarker.put_back`.
+def take_abandoned(store: Store, jobs: Collection[str], known: Collection[str]) -> tuple[list[AbandonedMarker], set[str]]:
+    """The markers of the workers on this host that went away, of these jobs, taken by this run
+    (each is this run's to :meth:`~AbandonedMarker.drop` or :meth:`~AbandonedMarker.put_back`);
+    and the jobs whose crashes another run is counting at this moment.
 
-    Costs a look at one small folder when there is nothing to do.
+    Markers of the app's other (``known``) jobs are left alone, for the runs of those jobs;
+    markers of jobs the app no longer has are removed. Costs a look at one small folder when
+    there is nothing to do.
     """
+    folder = marker_dir(store)
     try:
-        paths = sorted(marker_dir(store).glob("*.json"))
+        paths = sorted(folder.glob("*.json")) + sorted(folder.glob(f"*.json{_TAKEN}*"))
     except OSError:
-        return []
-    return [marker for marker in map(_take, paths) if marker is not None]
+        return [], set()
+    taken: list[AbandonedMarker] = []
+    counting: set[str] = set()
+    for path in paths:
+        found = _take(path, jobs, known)
+        if isinstance(found, AbandonedMarker):
+            taken.append(found)
+        elif found is not None:
+            counting.add(found)
+    return taken, counting
 
 
-@contextmanager
-def _unwritable(folder: Path) -> Iterator[None]:
-    """A marker that cannot be written stops the run before any handler runs: without it, a row
-    that takes its worker down would do so again at every run."""
-    try:
-        yield
-    except OSError as error:
-        raise BatchJobsError(
-            f"cannot write crash markers in {folder}: {error.strerror or error} "
-            "(set BATCHJOBS_STATE_DIR to a folder of this user's with room)"
-        ) from error
+#: What a marker's name gets while a run counts its crashes, followed by that run's pid.
+_TAKEN = ".taken-"
 
 
-def _take(path: Path) -> AbandonedMarker | None:
-    """Take an abandoned marker; None for a live worker's, one another run took, or one with no
-    rows (its worker never started a chunk) or that cannot be read, which are removed."""
+def _take(path: Path, jobs: Collection[str], known: Collection[str]) -> AbandonedMarker | str | None:
+    """Take an abandoned marker of one of ``jobs``; the job's name if another run is counting it
+    now; None for a live worker's, another ``known`` job's, or one that is removed: with no rows
+    (its worker never started a chunk), unreadable, or of a job the app no longer has."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -212,32 +240,48 @@ def _take(path: Path) -> AbandonedMarker | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return None  # its worker is still at work
-        taken = path.with_name(f"{path.name}.taken-{os.getpid()}")
-        try:
-            os.rename(path, taken)  # atomic: of two runs accounting at once, one gets it
-        except FileNotFoundError:
+            if _TAKEN not in path.name:
+                return None  # its worker is still at work
+            # Another run counts it: its rows must wait for that count, not run in ordinary chunks.
+            job = _job_of(path)
+            return job if job in jobs else None
+        original = path.with_name(path.name.split(_TAKEN)[0])
+        data = path.read_bytes()
+        if not data:
+            path.unlink(missing_ok=True)
             return None
-        try:
-            data = taken.read_bytes()
-            if not data:
-                taken.unlink(missing_ok=True)
-                return None
-            header = _parse(data)
-            return AbandonedMarker(
-                path,
-                taken,
-                header["job"],
-                header["pid"],
-                datetime.fromisoformat(header["started_at"]),
-                header["row_keys"],
-            )
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            logger.warning("crash marker %s could not be read (%s); the crash it may tell of is not counted", path.name, error)
-            taken.unlink(missing_ok=True)
+        header = _parse(data)
+        if header["job"] not in jobs:
+            if header["job"] not in known:
+                path.unlink(missing_ok=True)
             return None
+        taken = original.with_name(f"{original.name}{_TAKEN}{os.getpid()}")
+        os.rename(path, taken)
+        marker = AbandonedMarker(
+            original,
+            taken,
+            fd,
+            header["job"],
+            header["pid"],
+            datetime.fromisoformat(header["started_at"]),
+            header["row_keys"],
+        )
+        fd = -1  # the marker's now
+        return marker
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("crash marker %s could not be read (%s); the crash it may tell of is not counted", path.name, error)
+        path.unlink(missing_ok=True)
+        return None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+
+
+def _job_of(path: Path) -> str | None:
+    try:
+        return str(_parse(path.read_bytes())["job"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _parse(data: bytes) -> dict[str, Any]:

@@ -373,13 +373,23 @@ class RunRecorder:
             # A run that failed may have lost its database: it records its end and nothing more.
             sample = bool(self.backlog) and outcome != "failed"
             values = {"heartbeat_at": now, "finished_at": now, "outcome": outcome, **_progress(self.summary)}
-            due: list[FlagJob] = []
-            # Bounded as a beat is: a process told to stop must not wait for a server that stopped answering.
-            end = _Write(lambda: due.extend(self._save(values, sample=sample)))
-            if not end.wait(self.beat_timeout):
-                raise _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
-            if end.error is not None:
-                raise end.error
+            if outcome not in ("interrupted", "failed"):
+                due = self._save(values, sample=sample)
+            else:
+                # Bounded as a beat is: a process told to stop, or failing, must end, even on a
+                # server that stopped answering. A run that went well waits, as its chunks did,
+                # rather than call a slow write (SQLite's lock held by another writer) a failure.
+                def end_of_run() -> None:
+                    self._save(values)
+
+                end = _Write(end_of_run)
+                if not end.wait(self.beat_timeout):
+                    raise _NoAnswer(f"no answer from the database within {format_duration(self.beat_timeout)}")
+                if end.error is not None:
+                    # Failed at once, not hung: made here, for an engine whose connections stay in
+                    # the thread that made them (SQLite's default).
+                    self._save(values)
+                due = []
         finally:
             _open_here.discard(self._key)
         if due:

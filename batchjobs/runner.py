@@ -236,30 +236,28 @@ class _Run:
         self.marker.path.unlink(missing_ok=True)
         self.store.cancel_running_statement(self.connection.connection.dbapi_connection, self.executed.in_flight)
 
-    def start_pass(self) -> None:
+    def start_pass(self, jobs: Sequence[FlagJob]) -> None:
         """Before a pass over the jobs (a drain, or given keys): count the crashes left behind,
         then start the pass's clock. A row that fails is not tried again in the same pass, but
         the crashes counted before it run apart in it; a worker's next pass tries failed rows
         again once their backoff is over (held back for the worker's whole life, they would
         wait for its restart)."""
-        self.account_crashes()
+        self.account_crashes(jobs)
         self.run_started = self.clock()
 
-    def account_crashes(self) -> None:
-        """Count the crashes that workers on this host which went away left behind (see
-        :mod:`batchjobs.crashes`), each marker in a transaction of its own.
+    def account_crashes(self, jobs: Sequence[FlagJob]) -> None:
+        """Count the crashes of these jobs that workers on this host which went away left behind
+        (see :mod:`batchjobs.crashes`), each marker in a transaction of its own. A job whose
+        crashes another run is counting now sits out this pass.
 
         The count reads the job's table, bounded as a claim is. A job whose count did not get
         through sits out until a later look counts it: claimed in ordinary chunks meanwhile, the
         row that took the worker down would take good rows down with it again. Its marker stays
         until its crashes are committed, so a run that ends first loses none.
         """
-        self.unaccounted.clear()
-        for marker in take_abandoned(self.store):
-            job = self.registry.jobs.get(marker.job)
-            if job is None:
-                marker.drop()  # a job this app no longer has
-                continue
+        markers, self.unaccounted = take_abandoned(self.store, [job.name for job in jobs], self.registry.jobs)
+        for marker in markers:
+            job = self.registry.jobs[marker.job]
             wait = self.claim_wait()
             try:
                 with self.connection.begin(), self.watchdog.limit(wait):
@@ -297,7 +295,7 @@ class _Run:
         asked: their jobs join the turns again, so that a job's long backlog never keeps
         another's new row waiting longer than a chunk.
         """
-        self.start_pass()
+        self.start_pass(jobs)
         jobs = [job for job in jobs if job.name not in self.unaccounted]
         self.forget_stale_failures(jobs)
         by_table: dict[str, list[FlagJob]] = {}
@@ -381,7 +379,7 @@ class _Run:
         run are left alone: they are someone else's work, or none. A chunk that commits early
         leaves the rest claimable, so the next one claims them; each chunk handles at least one row.
         """
-        self.start_pass()
+        self.start_pass([job])
         if job.name in self.unaccounted:
             return True
         keys = list(dict.fromkeys(keys))

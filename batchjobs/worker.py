@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Boolean, Connection, Engine, select
+from sqlalchemy import Boolean, Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from batchjobs.db import ensure_schema, first_line
@@ -155,17 +155,17 @@ class _Worker:
     def serve(self) -> None:
         """Listen, drain once, then wait and drain until done; raises when the database goes away."""
         listener = self.store.listener()
-        if listener is not None and not listener.hears_itself(HEARD_WITHIN):
-            listener.close()
-            listener = None
-            if "notifications" not in self.warned:
-                self.warned.add("notifications")
-                logger.warning(
-                    "notifications do not reach this worker (a pooler in transaction mode between it and "
-                    "PostgreSQL? LISTEN needs a direct or session-pooled connection); it polls every %s instead",
-                    format_duration(self.poll_every),
-                )
         try:
+            if listener is not None and not listener.hears_itself(HEARD_WITHIN):
+                listener.close()
+                listener = None
+                if "notifications" not in self.warned:
+                    self.warned.add("notifications")
+                    logger.warning(
+                        "notifications do not reach this worker (a pooler in transaction mode between it and "
+                        "PostgreSQL? LISTEN needs a direct or session-pooled connection); it polls every %s instead",
+                        format_duration(self.poll_every),
+                    )
             with self.store.engine.connect() as connection:
                 polled = [job for job in self.jobs if not self._triggered(connection, job, listener)]
             with running(
@@ -223,17 +223,9 @@ class _Worker:
         """Whether the error means the database went away (worth reconnecting), not a bug."""
         if error.connection_invalidated:
             return True
-        if not isinstance(error, OperationalError):
-            return False
-        # SQLite and MySQL call errors in the app's own schema (no such table, unknown column)
-        # operational too: deployed before its migration, a worker would reconnect forever. The
-        # database is away only if it does not answer now.
-        try:
-            with self.store.engine.connect() as connection:
-                connection.scalar(select(1))
-        except DBAPIError:
-            return True
-        return False
+        # SQLite and MySQL call a table or column the schema lacks operational too: deployed
+        # before its migration, a worker would reconnect forever.
+        return isinstance(error, OperationalError) and not self.store.is_schema_error(error)
 
     def sleep(self, seconds: float) -> None:
         until = time.monotonic() + seconds

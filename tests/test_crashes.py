@@ -6,6 +6,7 @@ a chunk whose connection the server ends, a table a migration keeps locked.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -24,11 +25,13 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
-from batchjobs.crashes import InflightMarker, _take, marker_dir, take_abandoned
+from batchjobs.crashes import AbandonedMarker, InflightMarker, _take, marker_dir, take_abandoned
 from batchjobs.runner import run_pending
 from batchjobs.schema import migrate
 from batchjobs.store import store_for
 from batchjobs.store.tables import Failure
+
+JOBS = ["process_item"]
 
 
 def failure(engine: Engine, row_key: str) -> Failure | None:
@@ -77,10 +80,11 @@ def test_a_marker_gives_back_the_keys_of_its_last_chunk(tmp_path: Path, keys: li
     marker.set("process_item", [str(n) for n in range(1000, 1100)], datetime.now(timezone.utc))
     marker.set("process_item", keys, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     marker.close(ended_well=False)
-    taken = _take(marker.path)
-    assert taken is not None
+    taken = _take(marker.path, JOBS, JOBS)
+    assert isinstance(taken, AbandonedMarker)
     assert (taken.job, taken.row_keys, taken.started_at) == ("process_item", keys, datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
     assert not marker.path.exists()  # taken: no second run counts it again
+    taken.drop()
 
 
 def test_a_marker_cut_short_by_the_death_of_its_writer_is_not_misread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -97,7 +101,7 @@ def test_a_marker_cut_short_by_the_death_of_its_writer_is_not_misread(tmp_path: 
         written.write(next_chunk[:4096])
     marker.close(ended_well=False)
     elsewhere.close(ended_well=True)
-    assert _take(marker.path) is None
+    assert _take(marker.path, JOBS, JOBS) is None
     assert "could not be read" in caplog.text and "not counted" in caplog.text
 
 
@@ -106,7 +110,7 @@ def test_the_empty_marker_of_a_worker_that_never_started_a_chunk_is_skipped_quie
 ) -> None:
     marker = InflightMarker(tmp_path)
     marker.close(ended_well=False)
-    assert _take(marker.path) is None
+    assert _take(marker.path, JOBS, JOBS) is None
     assert not marker.path.exists() and caplog.text == ""
 
 
@@ -114,8 +118,9 @@ def test_a_marker_of_the_format_before_is_read(tmp_path: Path) -> None:
     """A worker of the previous release wrote its marker as one JSON object."""
     path = tmp_path / "1-2-3.json"
     path.write_text('{"pid": 7, "job": "process_item", "row_keys": ["1", "2"], "started_at": "2026-01-02T03:04:05+00:00"}')
-    taken = _take(path)
-    assert taken is not None and (taken.pid, taken.row_keys) == (7, ["1", "2"])
+    taken = _take(path, JOBS, JOBS)
+    assert isinstance(taken, AbandonedMarker) and (taken.pid, taken.row_keys) == (7, ["1", "2"])
+    taken.drop()
 
 
 def test_a_worker_that_is_pid_1_of_a_container_has_its_crashes_counted(engine: Engine, tmp_path: Path) -> None:
@@ -237,7 +242,7 @@ def test_crash_accounting_on_sqlite_beside_another_writer(sqlite_url: str, tmp_p
 
     event.listen(store.engine, "before_cursor_execute", another_writer)
     try:
-        [taken] = take_abandoned(store)
+        [taken], _ = take_abandoned(store, JOBS, JOBS)
         # On the connection a run claims on, as a run counts crashes.
         with store.claiming_connection() as connection, connection.begin():
             assert taken.count(store, connection, jobapp.jobs.job("process_item"), datetime.now(timezone.utc)) == 1
@@ -317,3 +322,47 @@ def test_a_marker_that_cannot_be_written_stops_the_run_in_one_line(pg_engine: En
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"Error: cannot write crash markers in {state}"), result.stderr
     assert not effects_file.exists() and not any(processed(pg_engine).values())
+
+
+def _dead_worker_marker(engine: Engine, row_key: str) -> InflightMarker:
+    """The marker a worker of process_item left when it died in the chunk of this row."""
+    marker = InflightMarker(marker_dir(store_for(engine)))
+    marker.set("process_item", [row_key], datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc))
+    marker.close(ended_well=False)
+    return marker
+
+
+def test_a_marker_whose_count_another_run_is_making_holds_its_job_back(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While one run counts a crash, another (a sibling starting beside it) must not run the
+    crashed chunk's rows in an ordinary chunk; once the first dies uncounted, the next run
+    takes the count over, and the crash is counted once."""
+    monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "state"))
+    add_items(engine, 3)
+    with Session(engine) as session, session.begin():
+        session.add(jobapp.Order(id=1))
+    _dead_worker_marker(engine, "2")
+    [counting], _ = take_abandoned(store_for(engine), JOBS, JOBS)
+
+    beside = run_pending(jobapp.jobs, engine, jobs=["process_item", "send_receipt"], record=False)
+    assert (beside.jobs["process_item"].done, beside.jobs["send_receipt"].done) == (0, 1)
+
+    os.close(counting.fd)  # the counting run dies before its count commits: its lock goes with it
+    after = run_pending(jobapp.jobs, engine, jobs=["process_item"], record=False)
+    assert after.done == 3 and not list(counting.taken.parent.iterdir())
+    record = failure(engine, "2")
+    assert record is None  # counted, run apart, done: its record was cleared
+
+
+def test_markers_of_jobs_a_run_does_not_run_are_left_alone(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of other jobs neither counts nor reads the table of a marker's job (it may be gone)."""
+    monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "state"))
+    marker = _dead_worker_marker(engine, "2")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE item_comments")
+        connection.exec_driver_sql("DROP TABLE items")
+    with Session(engine) as session, session.begin():
+        session.add(jobapp.Order(id=1))
+    assert run_pending(jobapp.jobs, engine, jobs=["send_receipt"], record=False).done == 1
+    assert marker.path.exists()

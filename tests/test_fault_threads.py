@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections import Counter
@@ -15,7 +16,7 @@ from pathlib import Path
 import jobapp
 import pytest
 from conftest import BATCHJOBS, blocking_env, cli_env, run_cli, start_cli, url_of, wait_for
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.orm import Session
 from test_run_pending import add_items, processed
 
@@ -130,17 +131,33 @@ def test_the_heartbeat_outlives_its_connection(pg_engine: Engine, tmp_path: Path
     assert _outcome_of(engine, run.pid) == "finished"
 
 
-def test_a_heartbeat_without_an_answer_gives_up_waiting_and_resumes(pg_engine: Engine, tmp_path: Path) -> None:
-    """A heartbeat write stuck on a lock is an outage too: reported, and the beat goes on after it."""
-    engine = pg_engine
-    add_items(engine, 5)
+def _recorded_run_in_row_2(engine: Engine, tmp_path: Path, rows: int) -> tuple[subprocess.Popen[str], Path]:
+    """A run-pending over ``rows`` new rows, with a fast heartbeat, once it is in the run history
+    and waits in row 2's handler (until ``release-2`` appears in ``tmp_path``); and its stderr file."""
+    add_items(engine, rows)
     env = blocking_env(engine, tmp_path, 2, BATCHJOBS_HEARTBEAT_EVERY=FAST_BEAT)
     run, _, err = _start(["-A", "jobapp:jobs", "run-pending", "-q", "items"], env, tmp_path)
     try:
         wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
         wait_for(lambda: _run_of(engine, run.pid) is not None, "the run to be recorded", run)
+    except BaseException:
+        run.kill()
+        run.wait()
+        raise
+    return run, err
+
+
+def _lock_the_record_of(connection: Connection, pid: int) -> None:
+    connection.execute(select(RunRecord).where(RunRecord.pid == pid).with_for_update())
+
+
+def test_a_heartbeat_without_an_answer_gives_up_waiting_and_resumes(pg_engine: Engine, tmp_path: Path) -> None:
+    """A heartbeat write stuck on a lock is an outage too: reported, and the beat goes on after it."""
+    engine = pg_engine
+    run, err = _recorded_run_in_row_2(engine, tmp_path, 5)
+    try:
         with engine.connect() as locker:
-            locker.execute(select(RunRecord).where(RunRecord.pid == run.pid).with_for_update())
+            _lock_the_record_of(locker, run.pid)
             wait_for(lambda: bool(_lines(err, "heartbeat failed: no answer")), "the heartbeat to give up waiting", run)
             locker.rollback()
         beaten = _heartbeat_of(engine, run.pid)
@@ -158,18 +175,15 @@ def test_a_heartbeat_without_an_answer_gives_up_waiting_and_resumes(pg_engine: E
 
 
 def test_recording_the_end_of_a_run_gives_up_on_a_database_that_does_not_answer(pg_engine: Engine, tmp_path: Path) -> None:
-    """A run told to stop (or done) must end: its last write to the run history is bounded as
-    a beat is, and the next run records the end it could not."""
+    """A run told to stop must end: its last write to the run history is bounded as a beat is,
+    and the next run records the end it could not."""
     engine = pg_engine
-    add_items(engine, 3)
-    env = blocking_env(engine, tmp_path, 2, BATCHJOBS_HEARTBEAT_EVERY=FAST_BEAT)
-    run, _, err = _start(["-A", "jobapp:jobs", "run-pending", "-q", "items"], env, tmp_path)
+    run, err = _recorded_run_in_row_2(engine, tmp_path, 3)
     try:
-        wait_for(lambda: (tmp_path / "reached-2").exists(), "row 2 to be in progress", run)
-        wait_for(lambda: _run_of(engine, run.pid) is not None, "the run to be recorded", run)
         with engine.connect() as locker:
             # Every write to the run's row now waits, as on a server that stopped answering.
-            locker.execute(select(RunRecord).where(RunRecord.pid == run.pid).with_for_update())
+            _lock_the_record_of(locker, run.pid)
+            run.send_signal(signal.SIGTERM)  # as systemd stops a service
             (tmp_path / "release-2").touch()
             # Ended while the row is still locked: without the bound it would wait for the lock.
             run.wait(timeout=60)
@@ -185,7 +199,7 @@ def test_recording_the_end_of_a_run_gives_up_on_a_database_that_does_not_answer(
     assert "Traceback" not in stderr and "Exception in thread" not in stderr
     assert stderr.splitlines()[-1].startswith("Error: could not record the end of run "), stderr
     assert "no answer from the database within " in stderr.splitlines()[-1]
-    assert all(processed(engine).values())
+    assert processed(engine) == {1: True, 2: True, 3: False}  # row 2 finished, row 3 left for the next run
 
 
 def test_an_invalid_heartbeat_interval_is_one_line(pg_engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -31,15 +32,23 @@ def test_workers_handle_every_row_once(engine: Engine, tmp_path: Path, pool: str
     assert all(processed(engine).values())
 
 
-def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path: Path) -> None:
-    add_items(engine, 2000)
+def _with_row_60_killed(engine: Engine, tmp_path: Path, rows: int, *args: str) -> tuple[subprocess.Popen[str], str, str, str]:
+    """The CLI with ``args`` over ``rows`` new items, its worker process in row 60's handler
+    killed with kill -9, run to its end: (the run, the pid killed, stdout, stderr). The handlers'
+    effects are in ``tmp_path/effects.txt``."""
+    add_items(engine, rows)
     effects_file = tmp_path / "effects.txt"
-    env = blocking_env(engine, tmp_path, 60, JOBAPP_EFFECTS=str(effects_file))
-    run = start_cli("-A", "jobapp:jobs", "run-pending", "-q", "items", "-c", "4", "--commit-interval", "1h", env=env)
+    run = start_cli("-A", "jobapp:jobs", *args, env=blocking_env(engine, tmp_path, 60, JOBAPP_EFFECTS=str(effects_file)))
     wait_for(lambda: (tmp_path / "reached-60").exists(), "row 60 to be in progress", run)
     [victim] = {line.split()[2] for line in effects_file.read_text().splitlines() if line.split()[1] == "60"}
     os.kill(int(victim), signal.SIGKILL)
     out, err = run.communicate(timeout=300)
+    return run, victim, out, err
+
+
+def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path: Path) -> None:
+    run, victim, out, err = _with_row_60_killed(engine, tmp_path, 2000, "run-pending", "-q", "items", "-c", "4", "--commit-interval", "1h")
+    effects_file = tmp_path / "effects.txt"
 
     assert run.returncode == 1
     assert err.strip().splitlines()[-1] == "Error: 1 of 4 workers died; their rows are pending again"
@@ -60,14 +69,7 @@ def test_a_killed_worker_does_not_take_the_others_down(engine: Engine, tmp_path:
 def test_a_worker_invocation_stops_when_one_of_its_processes_dies(engine: Engine, tmp_path: Path) -> None:
     """A long-running invocation would work on at part strength, unseen: it says so and stops,
     for its supervisor to start it afresh (which counts the dead process's crash)."""
-    add_items(engine, 100)
-    effects_file = tmp_path / "effects.txt"
-    env = blocking_env(engine, tmp_path, 60, JOBAPP_EFFECTS=str(effects_file))
-    run = start_cli("-A", "jobapp:jobs", "worker", "-q", "items", "-c", "2", "--poll-interval", "100ms", env=env)
-    wait_for(lambda: (tmp_path / "reached-60").exists(), "row 60 to be in progress", run)
-    [victim] = {line.split()[2] for line in effects_file.read_text().splitlines() if line.split()[1] == "60"}
-    os.kill(int(victim), signal.SIGKILL)
-    out, err = run.communicate(timeout=120)
+    run, victim, out, err = _with_row_60_killed(engine, tmp_path, 100, "worker", "-q", "items", "-c", "2", "--poll-interval", "100ms")
 
     assert run.returncode == 1, err
     assert f"(pid {victim}) was killed by SIGKILL; the rows it had claimed are pending again; stopping the others" in err

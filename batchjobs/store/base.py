@@ -255,6 +255,11 @@ class Store:
         """Whether ``error`` means a lock wait ran out (worth retrying), not a real failure."""
         return False
 
+    def is_schema_error(self, error: DBAPIError) -> bool:
+        """Whether ``error`` says the app's schema lacks a table or column a statement names
+        (code deployed before its migration): no reconnecting mends it."""
+        return False
+
     def is_deadlock(self, error: DBAPIError) -> bool:
         """Whether ``error`` means the database rolled the whole transaction back to break a
         deadlock: nothing of it was committed, so it may be run again."""

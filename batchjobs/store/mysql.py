@@ -86,6 +86,9 @@ MINIMUM_MARIADB = (10, 6)
 ER_LOCK_WAIT_TIMEOUT = 1205
 #: MySQL's error number for a deadlock: the server rolled the whole transaction back.
 ER_LOCK_DEADLOCK = 1213
+#: MySQL's error numbers for a table, and a column, that a statement names and the schema lacks.
+ER_NO_SUCH_TABLE = 1146
+ER_BAD_FIELD_ERROR = 1054
 
 #: MariaDB's limits on how long a transaction may wait for its client's next statement.
 IDLE_TRANSACTION_LIMITS = ("idle_readonly_transaction_timeout", "idle_transaction_timeout", "idle_write_transaction_timeout")
@@ -166,6 +169,10 @@ class MySQLStore(Store):
 
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return _error_number(error) == ER_LOCK_WAIT_TIMEOUT
+
+    def is_schema_error(self, error: DBAPIError) -> bool:
+        # PyMySQL raises an unknown column as OperationalError, as it does a lost connection.
+        return _error_number(error) in (ER_NO_SUCH_TABLE, ER_BAD_FIELD_ERROR)
 
     def is_deadlock(self, error: DBAPIError) -> bool:
         # InnoDB breaks a deadlock by rolling back one transaction whole (a lock wait timeout

@@ -290,6 +290,9 @@ $$"""
     def is_lock_timeout(self, error: DBAPIError) -> bool:
         return getattr(error.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
+    def is_schema_error(self, error: DBAPIError) -> bool:
+        return getattr(error.orig, "sqlstate", None) in ("42P01", "42703")  # undefined_table, undefined_column
+
     def transaction_limits(self, connection: Connection) -> list[str]:
         # transaction_timeout exists from PostgreSQL 17 on; pg_settings lists what this server has.
         rows = connection.execute(

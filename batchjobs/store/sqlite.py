@@ -69,6 +69,10 @@ class SQLiteStore(Store):
         # The busy timeout set on connect ran out.
         return "database is locked" in str(error.orig)
 
+    def is_schema_error(self, error: DBAPIError) -> bool:
+        # sqlite3 raises these as OperationalError, as it does a locked database; only its message tells.
+        return str(error.orig).startswith(("no such table:", "no such column:"))
+
     @classmethod
     def create_pending_index(cls, op: Any, name: str, table: str, key: str, pending: ColumnElement[bool]) -> None:
         op.create_index(name, table, [key], sqlite_where=pending)

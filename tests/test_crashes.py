@@ -366,3 +366,23 @@ def test_markers_of_jobs_a_run_does_not_run_are_left_alone(engine: Engine, tmp_p
         session.add(jobapp.Order(id=1))
     assert run_pending(jobapp.jobs, engine, jobs=["send_receipt"], record=False).done == 1
     assert marker.path.exists()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "mysql"], indirect=True)
+def test_rows_whose_crash_is_being_counted_are_passed_by(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until a crash count commits, its rows are locked as a claim locks them: a run that claims
+    meanwhile (on another host: markers are per host) passes them by instead of running them in
+    an ordinary chunk."""
+    monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "state"))
+    add_items(engine, 3)
+    _dead_worker_marker(engine, "2")
+    store = store_for(engine)
+    [taken], _ = take_abandoned(store, JOBS, JOBS)
+    with store.claiming_connection() as connection, connection.begin():
+        assert taken.count(store, connection, jobapp.jobs.job("process_item"), datetime.now(timezone.utc)) == 1
+        monkeypatch.setenv("BATCHJOBS_STATE_DIR", str(tmp_path / "another-host"))
+        beside = run_pending(jobapp.jobs, engine, jobs=["process_item"], record=False)
+        assert beside.done == 2 and processed(engine) == {1: True, 2: False, 3: True}
+    taken.drop()
+    pill = failure(engine, "2")
+    assert pill is not None and pill.crashes == 1

@@ -482,7 +482,10 @@ class Store:
         stmt = select(row_key_sql(job)).where(
             job.pending(), pk.in_([self.key_from_text(pk, literal(key, String())) for key in row_keys]), ~recorded
         )
-        return list(connection.scalars(stmt))
+        # Locked as a claim locks, until the crashes are committed: a run that claims meanwhile
+        # passes these rows by rather than run them in an ordinary chunk. A row another run holds
+        # is that run's: done, failed, or in its own marker if its worker goes away too.
+        return list(connection.scalars(self.lock_for_claim(stmt, job.table)))
 
     # -- failures, for operators ----------------------------------------------------------------------
 

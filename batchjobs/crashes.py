@@ -181,7 +181,7 @@ class AbandonedMarker:
         return len(keys)
 
     def drop(self) -> None:
-        """Its crashes are committed (or it names no job of this app): nobody counts it again."""
+        """Its crashes are committed: nobody counts it again."""
         try:
             self.taken.unlink(missing_ok=True)
         finally:

@@ -256,7 +256,7 @@ class _Run:
         until its crashes are committed, so a run that ends first loses none.
         """
         markers, self.unaccounted = take_abandoned(self.store, [job.name for job in jobs], self.registry.jobs)
-        for marker in markers:
+        for index, marker in enumerate(markers):
             job = self.registry.jobs[marker.job]
             wait = self.claim_wait()
             try:
@@ -264,9 +264,15 @@ class _Run:
                     counted = marker.count(self.store, self.connection, job, self.clock())
             except BaseException as exc:
                 marker.put_back()
-                if not isinstance(exc, DBAPIError):
+                try:
+                    if not isinstance(exc, DBAPIError):
+                        raise
+                    self.locked_out(exc, job, wait, "its crashes are counted next time, and its rows wait till then")
+                except BaseException:
+                    # The run ends here: the markers it took and did not reach go back too.
+                    for later in markers[index + 1 :]:
+                        later.put_back()
                     raise
-                self.locked_out(exc, job, wait, "its crashes are counted next time, and its rows wait till then")
                 self.unaccounted.add(job.name)
                 continue
             marker.drop()
